@@ -1,0 +1,48 @@
+"""Kernel tunables: blocks, threads and the timeout of a cross-rank wait."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+#: Defaults per backend. The simulator runs every thread as a Python thread, so it
+#: gets small launches; the GPU defaults are tuned in the GPU backend.
+_DEFAULTS = {
+    "sim": {"num_sms": 2, "num_threads": 32},
+    "cuda": {"num_sms": 64, "num_threads": 256},
+}
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration of the dispatch/combine kernels (DeepEP's ``Config`` counterpart).
+
+    Attributes:
+        num_sms: blocks of the bulk kernels (None: the backend's default).
+        num_threads: threads per block (None: the backend's default), at most 1024.
+        timeout_s: how long a rank waits for a peer before raising ``RuntimeError``
+            (None: ``XMOE_TIMEOUT_S`` from the environment, else 60 s).
+    """
+
+    num_sms: int | None = None
+    num_threads: int | None = None
+    timeout_s: float | None = None
+
+    def resolved(self, backend: str) -> "Config":
+        """This config with every None replaced by the default of ``backend``, checked."""
+        defaults = _DEFAULTS[backend]
+        timeout = self.timeout_s if self.timeout_s is not None else float(os.environ.get("XMOE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        config = replace(
+            self,
+            num_sms=self.num_sms if self.num_sms is not None else defaults["num_sms"],
+            num_threads=self.num_threads if self.num_threads is not None else defaults["num_threads"],
+            timeout_s=timeout,
+        )
+        if config.num_sms < 1:
+            raise ValueError(f"config.num_sms={config.num_sms}: must be >= 1")
+        if not 1 <= config.num_threads <= 1024:
+            raise ValueError(f"config.num_threads={config.num_threads}: must be in [1, 1024]")
+        if not config.timeout_s > 0:
+            raise ValueError(f"config.timeout_s={config.timeout_s}: must be > 0")
+        return config

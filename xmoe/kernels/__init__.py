@@ -1,0 +1,1 @@
+"""Kernels, one module per family; each exposes launchers that take checked arguments."""

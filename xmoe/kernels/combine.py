@@ -1,0 +1,93 @@
+"""Intranode combine kernels: send rows back to their source ranks, reduce in rank order.
+
+1. ``combine_send_kernel``: received row ``i`` (from source ``s``, slot ``i - recv_offsets[s]``)
+   goes back into this rank's region of ``s``'s symmetric buffer at that same slot,
+   with its top-k weights; the last block publishes meta and signals.
+2. ``combine_reduce`` kernels (one per payload type): every block waits, bounded, for
+   every peer, then each token sums in fp32, in rank order, the rows that came back
+   for it (``send_slot[t, r]`` locates them), and rounds to the payload type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+from xmoe.comm.device import last_block_done
+from xmoe.kernels.dispatch import publish, source_of_row, wait_for_peers
+from xmoe.kernels.launch import launch
+from xmoe.kernels.numerics import bf16_to_f32, f32_load, f32_store, f32_to_bf16
+
+
+@cuda.jit
+def combine_send_kernel(
+    x, topk_weights, recv_offsets, peer_x, peer_topk_weights, peer_meta, peer_signals,
+    rank, parity, seq, row_bytes, num_local_experts, no_counts, done_counter,
+):
+    tid = cuda.threadIdx.x
+    num_threads = cuda.blockDim.x
+    num_words = x.shape[1]
+    for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+        src = source_of_row(recv_offsets, row)
+        slot = row - recv_offsets[src]
+        out = peer_x[src]
+        for w in range(tid, num_words, num_threads):
+            out[parity, rank, slot, w] = x[row, w]
+        for j in range(tid, topk_weights.shape[1], num_threads):
+            peer_topk_weights[src][parity, rank, slot, j] = topk_weights[row, j]
+    cuda.threadfence_system()
+    flag = cuda.shared.array(1, np.int32)
+    if last_block_done(done_counter, flag):
+        publish(peer_meta, peer_signals, rank, parity, seq, row_bytes, topk_weights.shape[1], num_local_experts,
+                no_counts, no_counts)
+
+
+def _make_reduce_kernel(load: Any, store: Any) -> Any:
+    @cuda.jit
+    def combine_reduce_kernel(
+        signals, meta, field_x, field_topk_weights, send_slot, parity, seq, row_bytes, num_local_experts,
+        timeout_ns, out, out_topk_weights, errors,
+    ):
+        flag = cuda.shared.array(1, np.int32)
+        num_topk = out_topk_weights.shape[1]
+        if not wait_for_peers(signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+            return
+        tid = cuda.threadIdx.x
+        num_threads = cuda.blockDim.x
+        num_ranks = send_slot.shape[1]
+        for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+            for h in range(tid, out.shape[1], num_threads):
+                acc = np.float32(0.0)
+                for r in range(num_ranks):
+                    slot = send_slot[t, r]
+                    if slot >= 0:
+                        acc += load(field_x[parity, r, slot, h])
+                out[t, h] = store(acc)
+            for j in range(tid, num_topk, num_threads):
+                acc = np.float32(0.0)
+                for r in range(num_ranks):
+                    slot = send_slot[t, r]
+                    if slot >= 0:
+                        acc += field_topk_weights[parity, r, slot, j]
+                out_topk_weights[t, j] = acc
+
+    return combine_reduce_kernel
+
+
+#: Reduce kernel per payload element type as the kernel sees it (bfloat16 as uint16 bits).
+REDUCE_KERNELS = {
+    np.dtype(np.float32): _make_reduce_kernel(f32_load, f32_store),
+    np.dtype(np.uint16): _make_reduce_kernel(bf16_to_f32, f32_to_bf16),
+}
+
+
+def launch_combine_send(blocks: int, threads: int, *args) -> None:
+    """See :func:`combine_send_kernel`; ``x`` is the payload as words ``[rows, words]``."""
+    launch(combine_send_kernel, blocks, threads, *args)
+
+
+def launch_combine_reduce(element: np.dtype, blocks: int, threads: int, *args) -> None:
+    """See ``combine_reduce_kernel``; ``element`` is float32 or uint16 (bfloat16 bits)."""
+    launch(REDUCE_KERNELS[np.dtype(element)], blocks, threads, *args)

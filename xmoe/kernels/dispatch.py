@@ -1,0 +1,168 @@
+"""Intranode dispatch kernels: send into the peers' symmetric buffers, wait, copy out.
+
+1. ``dispatch_send_kernel``: every token row (payload words, source index, local
+   top-k ids and weights) is stored straight into slot ``send_slot[t, dst]`` of this
+   rank's region in each destination's symmetric buffer. The block that finishes
+   last writes this rank's meta row into every destination and raises its signal
+   (the call's sequence number).
+2. ``dispatch_wait_kernel``: waits, bounded, for every source's signal, checks that
+   its call matches this rank's, and gathers the count matrix and per-expert counts.
+3. ``dispatch_copy_out_kernel``: moves the received rows, ordered by source rank then
+   by source token, from the symmetric buffer into the output arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from xmoe.comm.device import (
+    ERR_MISMATCH,
+    ERR_TIMEOUT,
+    last_block_done,
+    raise_signal,
+    record_error,
+    wait_signal,
+)
+from xmoe.kernels.launch import launch
+from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTES, META_TOPK
+
+
+@cuda.jit(device=True)
+def publish(peer_meta, peer_signals, rank, parity, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts):
+    """Write this rank's meta row into every peer, then raise each peer's signal (one thread per peer)."""
+    num_ranks = len(peer_signals)
+    for dst in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
+        meta = peer_meta[dst]
+        meta[parity, rank, META_ROW_BYTES] = row_bytes
+        meta[parity, rank, META_TOPK] = num_topk
+        meta[parity, rank, META_LOCAL_EXPERTS] = num_local_experts
+        for r in range(rank_counts.shape[0]):
+            meta[parity, rank, META_HEADER + r] = rank_counts[r]
+        for e in range(expert_counts.shape[0] // num_ranks):
+            meta[parity, rank, META_HEADER + num_ranks + e] = expert_counts[dst * (expert_counts.shape[0] // num_ranks) + e]
+        raise_signal(peer_signals[dst], parity, rank, seq)
+
+
+@cuda.jit(device=True)
+def wait_for_peers(signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+    """Every thread of the block: True once every peer's signal of ``seq`` arrived with a matching meta row.
+
+    A block that finds an error already recorded (by an earlier block) does not wait.
+    ``flag`` is a shared int32 array of one element.
+    """
+    num_ranks = signals.shape[1]
+    if cuda.threadIdx.x == 0:
+        flag[0] = errors[0]
+    cuda.syncthreads()
+    if flag[0] == 0:
+        for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
+            if not wait_signal(signals, parity, src, seq, timeout_ns):
+                record_error(errors, ERR_TIMEOUT + src)
+            elif (
+                meta[parity, src, META_ROW_BYTES] != row_bytes
+                or meta[parity, src, META_TOPK] != num_topk
+                or meta[parity, src, META_LOCAL_EXPERTS] != num_local_experts
+            ):
+                record_error(errors, ERR_MISMATCH + src)
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        flag[0] = errors[0]
+    cuda.syncthreads()
+    return flag[0] == 0
+
+
+@cuda.jit(device=True)
+def source_of_row(recv_offsets, row):
+    """The source rank whose block of received rows holds ``row``."""
+    src = 0
+    while recv_offsets[src + 1] <= row:
+        src += 1
+    return src
+
+
+@cuda.jit
+def dispatch_send_kernel(
+    x, topk_idx, topk_weights, send_slot, rank_counts, expert_counts,
+    peer_x, peer_src_idx, peer_topk_idx, peer_topk_weights, peer_meta, peer_signals,
+    rank, parity, seq, row_bytes, done_counter,
+):
+    tid = cuda.threadIdx.x
+    num_threads = cuda.blockDim.x
+    num_ranks = send_slot.shape[1]
+    num_words = x.shape[1]
+    num_topk = topk_idx.shape[1]
+    num_local_experts = expert_counts.shape[0] // num_ranks
+    for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+        for dst in range(num_ranks):
+            slot = send_slot[t, dst]
+            if slot >= 0:
+                out = peer_x[dst]
+                for w in range(tid, num_words, num_threads):
+                    out[parity, rank, slot, w] = x[t, w]
+                for j in range(tid, num_topk, num_threads):
+                    local = topk_idx[t, j] - dst * num_local_experts
+                    if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
+                        local = -1
+                    peer_topk_idx[dst][parity, rank, slot, j] = local
+                    peer_topk_weights[dst][parity, rank, slot, j] = topk_weights[t, j] if local >= 0 else 0.0
+                if tid == 0:
+                    peer_src_idx[dst][parity, rank, slot] = t
+    cuda.threadfence_system()
+    flag = cuda.shared.array(1, np.int32)
+    if last_block_done(done_counter, flag):
+        publish(peer_meta, peer_signals, rank, parity, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts)
+
+
+@cuda.jit
+def dispatch_wait_kernel(
+    signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, count_matrix, recv_per_expert, errors
+):
+    flag = cuda.shared.array(1, np.int32)
+    if not wait_for_peers(signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+        return
+    num_ranks = signals.shape[1]
+    for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
+        for r in range(num_ranks):
+            count_matrix[src, r] = meta[parity, src, META_HEADER + r]
+    for e in range(cuda.threadIdx.x, recv_per_expert.shape[0], cuda.blockDim.x):
+        total = 0
+        for src in range(num_ranks):
+            total += meta[parity, src, META_HEADER + num_ranks + e]
+        recv_per_expert[e] = total
+
+
+@cuda.jit
+def dispatch_copy_out_kernel(
+    field_x, field_src_idx, field_topk_idx, field_topk_weights, parity, recv_offsets,
+    recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
+):
+    tid = cuda.threadIdx.x
+    num_threads = cuda.blockDim.x
+    num_words = recv_x.shape[1]
+    for row in range(cuda.blockIdx.x, recv_x.shape[0], cuda.gridDim.x):
+        src = source_of_row(recv_offsets, row)
+        slot = row - recv_offsets[src]
+        for w in range(tid, num_words, num_threads):
+            recv_x[row, w] = field_x[parity, src, slot, w]
+        for j in range(tid, recv_topk_idx.shape[1], num_threads):
+            recv_topk_idx[row, j] = field_topk_idx[parity, src, slot, j]
+            recv_topk_weights[row, j] = field_topk_weights[parity, src, slot, j]
+        if tid == 0:
+            recv_src_idx[row] = field_src_idx[parity, src, slot]
+
+
+def launch_dispatch_send(blocks: int, threads: int, *args) -> None:
+    """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``."""
+    launch(dispatch_send_kernel, blocks, threads, *args)
+
+
+def launch_dispatch_wait(threads: int, *args) -> None:
+    """One block waits for every source; see :func:`dispatch_wait_kernel`."""
+    launch(dispatch_wait_kernel, 1, threads, *args)
+
+
+def launch_dispatch_copy_out(blocks: int, threads: int, *args) -> None:
+    """See :func:`dispatch_copy_out_kernel`; nothing to launch for zero received rows."""
+    if args[6].shape[0] > 0:
+        launch(dispatch_copy_out_kernel, blocks, threads, *args)

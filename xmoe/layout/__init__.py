@@ -1,0 +1,1 @@
+"""Routing layouts (who sends what where) and the symmetric buffer layout."""

@@ -1,0 +1,139 @@
+"""NumPy oracles for every xmoe kernel: the ground truth of the tests.
+
+They take the inputs of *all* ranks (lists indexed by rank) and return what each rank
+must get, so one process can check any rank's result. Arithmetic is fp32, summed in
+rank order, then rounded to the payload dtype (round to nearest even, as ml_dtypes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def dispatch_layout(topk_idx: np.ndarray, num_experts: int, num_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens per rank / per expert and token-in-rank flags of one rank's routing.
+
+    Args:
+        topk_idx: int64 ``[tokens, k]``, expert ids, ``-1`` for a masked slot.
+        num_experts: experts in total, split evenly and in order across ranks.
+        num_ranks: ranks.
+
+    Returns:
+        ``num_tokens_per_rank`` int32 ``[ranks]``, ``num_tokens_per_expert`` int32
+        ``[experts]`` (one count per top-k slot naming the expert), ``is_token_in_rank``
+        bool ``[tokens, ranks]``.
+    """
+    experts_per_rank = num_experts // num_ranks
+    valid = topk_idx >= 0
+    per_expert = np.bincount(topk_idx[valid].ravel(), minlength=num_experts).astype(np.int32)
+    in_rank = np.zeros((topk_idx.shape[0], num_ranks), dtype=bool)
+    rows, _ = np.nonzero(valid)
+    in_rank[rows, topk_idx[valid] // experts_per_rank] = True
+    return in_rank.sum(axis=0).astype(np.int32), per_expert, in_rank
+
+
+def send_slots(is_token_in_rank: np.ndarray) -> np.ndarray:
+    """Slot of each token in each destination's region: int32 ``[tokens, ranks]``, -1 if not sent."""
+    slots = np.cumsum(is_token_in_rank, axis=0, dtype=np.int32) - 1
+    return np.where(is_token_in_rank, slots, -1).astype(np.int32)
+
+
+def rank_prefix_matrix(is_token_in_rank: Sequence[np.ndarray]) -> np.ndarray:
+    """int32 ``[ranks, ranks]``: entry ``[i][j]`` = tokens sent to rank j by ranks 0..i."""
+    counts = np.stack([m.sum(axis=0) for m in is_token_in_rank])
+    return np.cumsum(counts, axis=0).astype(np.int32)
+
+
+def dispatch(
+    xs: Sequence[np.ndarray],
+    topk_idx: Sequence[np.ndarray],
+    topk_weights: Sequence[np.ndarray] | None,
+    num_experts: int,
+    expert_alignment: int = 1,
+) -> list[dict[str, Any]]:
+    """What each rank receives from a dispatch.
+
+    Args:
+        xs: per rank, ``[tokens_r, hidden]`` payload (any dtype; moved bit for bit).
+        topk_idx: per rank, int64 ``[tokens_r, k]``.
+        topk_weights: per rank, float32 ``[tokens_r, k]``, or None.
+        num_experts: experts in total.
+        expert_alignment: the per-expert counts are rounded up to a multiple of it.
+
+    Returns:
+        per rank a dict: ``recv_x`` ``[recv, hidden]``, ``recv_topk_idx`` int64 ``[recv, k]``
+        (local expert ids, -1 elsewhere), ``recv_topk_weights`` float32 (0 where -1),
+        ``recv_src_idx`` int32 ``[recv]``, ``num_recv_tokens_per_expert_list``,
+        ``rank_prefix_matrix`` int32 ``[ranks, ranks]``.
+    """
+    num_ranks = len(xs)
+    per_rank = num_experts // num_ranks
+    layouts = [dispatch_layout(idx, num_experts, num_ranks) for idx in topk_idx]
+    prefix = rank_prefix_matrix([layout[2] for layout in layouts])
+    results = []
+    for dst in range(num_ranks):
+        rows_x, rows_idx, rows_w, rows_src = [], [], [], []
+        per_expert = np.zeros(per_rank, dtype=np.int64)
+        for src in range(num_ranks):
+            tokens = np.nonzero(layouts[src][2][:, dst])[0]
+            per_expert += layouts[src][1][dst * per_rank : (dst + 1) * per_rank]
+            rows_x.append(xs[src][tokens])
+            rows_src.append(tokens.astype(np.int32))
+            local = topk_idx[src][tokens] - dst * per_rank
+            local = np.where((local >= 0) & (local < per_rank) & (topk_idx[src][tokens] >= 0), local, -1)
+            rows_idx.append(local.astype(np.int64))
+            if topk_weights is not None:
+                rows_w.append(np.where(local >= 0, topk_weights[src][tokens], 0).astype(np.float32))
+        padded = -(-per_expert // expert_alignment) * expert_alignment
+        results.append(
+            {
+                "recv_x": np.concatenate(rows_x),
+                "recv_topk_idx": np.concatenate(rows_idx),
+                "recv_topk_weights": np.concatenate(rows_w) if topk_weights is not None else None,
+                "recv_src_idx": np.concatenate(rows_src),
+                "num_recv_tokens_per_expert_list": [int(c) for c in padded],
+                "rank_prefix_matrix": prefix,
+            }
+        )
+    return results
+
+
+def round_to(values: np.ndarray, dtype: Any) -> np.ndarray:
+    """fp32 ``values`` rounded to ``dtype`` (round to nearest even for bfloat16)."""
+    return values.astype(np.float32).astype(dtype)
+
+
+def combine(
+    recv_xs: Sequence[np.ndarray],
+    is_token_in_rank: Sequence[np.ndarray],
+    recv_topk_weights: Sequence[np.ndarray] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """What each rank gets back from a combine.
+
+    Args:
+        recv_xs: per rank, ``[recv_r, hidden]`` rows in the order dispatch delivered them.
+        is_token_in_rank: per rank, bool ``[tokens_r, ranks]`` of the dispatch.
+        recv_topk_weights: per rank, float32 ``[recv_r, k]``, or None.
+
+    Returns:
+        per rank ``(combined_x [tokens_r, hidden], combined_topk_weights [tokens_r, k] or None)``:
+        each token's rows summed in fp32 in rank order, rounded to the payload dtype.
+    """
+    num_ranks = len(recv_xs)
+    prefix = rank_prefix_matrix(is_token_in_rank)
+    slots = [send_slots(m) for m in is_token_in_rank]
+    results = []
+    for src in range(num_ranks):
+        tokens = is_token_in_rank[src].shape[0]
+        acc = np.zeros((tokens, recv_xs[0].shape[1]), dtype=np.float32)
+        acc_w = None if recv_topk_weights is None else np.zeros((tokens, recv_topk_weights[0].shape[1]), np.float32)
+        for r in range(num_ranks):
+            sent = np.nonzero(slots[src][:, r] >= 0)[0]
+            rows = (prefix[src - 1, r] if src > 0 else 0) + slots[src][sent, r]
+            acc[sent] += recv_xs[r][rows].astype(np.float32)
+            if acc_w is not None:
+                acc_w[sent] += recv_topk_weights[r][rows].astype(np.float32)
+        results.append((round_to(acc, recv_xs[0].dtype), acc_w))
+    return results
