@@ -151,12 +151,12 @@ class Buffer:
             )
         return layout
 
-    def _fields(self, layout: SymmetricLayout, word: np.dtype, element: np.dtype) -> dict[str, Any]:
-        """Peer tuples and local views of ``layout``'s fields; the payload as words and as elements."""
-        key = (id(layout), np.dtype(word).itemsize, np.dtype(element).num)
+    def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype, element: np.dtype) -> dict[str, Any]:
+        """Peer tuples and local views of half ``parity``; the payload as words and as elements."""
+        key = (id(layout), parity, np.dtype(word).itemsize, np.dtype(element).num)
         fields = self._views.get(key)
         if fields is None:
-            peers = [layout.views(block) for block in self._block.peers]
+            peers = [layout.views(block, parity) for block in self._block.peers]
             fields = {name: tuple(p[name] for p in peers) for name in layout.fields}
             fields["x_words"] = tuple(p["x"].view(word) for p in peers)
             fields["local"] = peers[self.rank]
@@ -277,19 +277,19 @@ class Buffer:
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self._layout(row_bytes, idx.shape[1], num_local_experts, num_tokens, "dispatch")
         words = _as_words(payload)
-        fields = self._fields(layout, words.dtype, payload.dtype)
         seq, parity = self._next_call()
+        fields = self._fields(layout, parity, words.dtype, payload.dtype)
         launch_dispatch_send(
             config.num_sms, config.num_threads, words, idx, weights, send_slot, send_counts, expert_counts,
             fields["x_words"], fields["src_idx"], fields["topk_idx"], fields["topk_weights"], fields["meta"],
-            fields["signals"], self.rank, parity, seq, row_bytes, self._done_counter,
+            fields["signals"], self.rank, seq, row_bytes, self._done_counter,
         )
         local = fields["local"]
         count_matrix = np.empty((self.num_ranks, self.num_ranks), np.int32)
         recv_per_expert = np.empty(num_local_experts, np.int32)
         errors = np.zeros(1, np.int32)
         launch_dispatch_wait(
-            config.num_threads, local["signals"], local["meta"], parity, seq, row_bytes, idx.shape[1],
+            config.num_threads, local["signals"], local["meta"], seq, row_bytes, idx.shape[1],
             num_local_experts, int(config.timeout_s * 1e9), count_matrix, recv_per_expert, errors,
         )
         self._check_errors(errors, "dispatch", config.timeout_s)
@@ -302,7 +302,7 @@ class Buffer:
         recv_weights = np.empty((num_recv, idx.shape[1]), np.float32)
         launch_dispatch_copy_out(
             config.num_sms, config.num_threads, fields["x_words"][self.rank], local["src_idx"], local["topk_idx"],
-            local["topk_weights"], parity, recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
+            local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
         )
         if handle is None:
             alignment = int(expert_alignment)
@@ -414,11 +414,11 @@ class Buffer:
                               "combine")
         words = _as_words(payload)
         element = np.dtype(np.uint16) if payload.dtype == BFLOAT16 else payload.dtype
-        fields = self._fields(layout, words.dtype, element)
         seq, parity = self._next_call()
+        fields = self._fields(layout, parity, words.dtype, element)
         launch_combine_send(
             config.num_sms, config.num_threads, words, weights, handle.recv_offsets, fields["x_words"],
-            fields["topk_weights"], fields["meta"], fields["signals"], self.rank, parity, seq, row_bytes,
+            fields["topk_weights"], fields["meta"], fields["signals"], self.rank, seq, row_bytes,
             handle.num_local_experts, np.zeros(0, np.int32), self._done_counter,
         )
         out = np.empty((num_tokens, payload.shape[1]), payload.dtype)
@@ -427,7 +427,7 @@ class Buffer:
         local = fields["local"]
         launch_combine_reduce(
             element, config.num_sms, config.num_threads, local["signals"], local["meta"], fields["x_elements"],
-            local["topk_weights"], handle.send_slot, parity, seq, row_bytes, handle.num_local_experts,
+            local["topk_weights"], handle.send_slot, seq, row_bytes, handle.num_local_experts,
             int(config.timeout_s * 1e9), out.view(element), out_weights, errors,
         )
         self._check_errors(errors, "combine", config.timeout_s)

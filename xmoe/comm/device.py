@@ -54,10 +54,10 @@ else:
 
 
 @cuda.jit(device=True)
-def wait_signal(signals, parity, peer, expected, timeout_ns):
-    """Spin until ``signals[parity, peer] == expected``; False after ``timeout_ns``."""
+def wait_signal(signals, peer, expected, timeout_ns):
+    """Spin until ``signals[peer] == expected``; False after ``timeout_ns``."""
     start = now_ns()
-    while cuda.atomic.add(signals, (parity, peer), 0) != expected:
+    while cuda.atomic.add(signals, peer, 0) != expected:
         if now_ns() - start > timeout_ns:
             return False
         backoff()
@@ -65,10 +65,10 @@ def wait_signal(signals, parity, peer, expected, timeout_ns):
 
 
 @cuda.jit(device=True)
-def raise_signal(peer_signals, parity, source, value):
+def raise_signal(peer_signals, source, value):
     """Make this thread's earlier stores visible system-wide, then publish ``value``."""
     cuda.threadfence_system()
-    cuda.atomic.exch(peer_signals, (parity, source), value)
+    cuda.atomic.exch(peer_signals, source, value)
 
 
 @cuda.jit(device=True)

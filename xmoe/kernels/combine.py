@@ -24,7 +24,7 @@ from xmoe.kernels.numerics import bf16_to_f32, f32_load, f32_store, f32_to_bf16
 @cuda.jit
 def combine_send_kernel(
     x, topk_weights, recv_offsets, peer_x, peer_topk_weights, peer_meta, peer_signals,
-    rank, parity, seq, row_bytes, num_local_experts, no_counts, done_counter,
+    rank, seq, row_bytes, num_local_experts, no_counts, done_counter,
 ):
     tid = cuda.threadIdx.x
     num_threads = cuda.blockDim.x
@@ -34,25 +34,25 @@ def combine_send_kernel(
         slot = row - recv_offsets[src]
         out = peer_x[src]
         for w in range(tid, num_words, num_threads):
-            out[parity, rank, slot, w] = x[row, w]
+            out[rank, slot, w] = x[row, w]
         for j in range(tid, topk_weights.shape[1], num_threads):
-            peer_topk_weights[src][parity, rank, slot, j] = topk_weights[row, j]
+            peer_topk_weights[src][rank, slot, j] = topk_weights[row, j]
     cuda.threadfence_system()
     flag = cuda.shared.array(1, np.int32)
     if last_block_done(done_counter, flag):
-        publish(peer_meta, peer_signals, rank, parity, seq, row_bytes, topk_weights.shape[1], num_local_experts,
+        publish(peer_meta, peer_signals, rank, seq, row_bytes, topk_weights.shape[1], num_local_experts,
                 no_counts, no_counts)
 
 
 def _make_reduce_kernel(load: Any, store: Any) -> Any:
     @cuda.jit
     def combine_reduce_kernel(
-        signals, meta, field_x, field_topk_weights, send_slot, parity, seq, row_bytes, num_local_experts,
+        signals, meta, field_x, field_topk_weights, send_slot, seq, row_bytes, num_local_experts,
         timeout_ns, out, out_topk_weights, errors,
     ):
         flag = cuda.shared.array(1, np.int32)
         num_topk = out_topk_weights.shape[1]
-        if not wait_for_peers(signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+        if not wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
             return
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
@@ -63,14 +63,14 @@ def _make_reduce_kernel(load: Any, store: Any) -> Any:
                 for r in range(num_ranks):
                     slot = send_slot[t, r]
                     if slot >= 0:
-                        acc += load(field_x[parity, r, slot, h])
+                        acc += load(field_x[r, slot, h])
                 out[t, h] = store(acc)
             for j in range(tid, num_topk, num_threads):
                 acc = np.float32(0.0)
                 for r in range(num_ranks):
                     slot = send_slot[t, r]
                     if slot >= 0:
-                        acc += field_topk_weights[parity, r, slot, j]
+                        acc += field_topk_weights[r, slot, j]
                 out_topk_weights[t, j] = acc
 
     return combine_reduce_kernel

@@ -29,40 +29,40 @@ from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTE
 
 
 @cuda.jit(device=True)
-def publish(peer_meta, peer_signals, rank, parity, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts):
+def publish(peer_meta, peer_signals, rank, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts):
     """Write this rank's meta row into every peer, then raise each peer's signal (one thread per peer)."""
     num_ranks = len(peer_signals)
     for dst in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
         meta = peer_meta[dst]
-        meta[parity, rank, META_ROW_BYTES] = row_bytes
-        meta[parity, rank, META_TOPK] = num_topk
-        meta[parity, rank, META_LOCAL_EXPERTS] = num_local_experts
+        meta[rank, META_ROW_BYTES] = row_bytes
+        meta[rank, META_TOPK] = num_topk
+        meta[rank, META_LOCAL_EXPERTS] = num_local_experts
         for r in range(rank_counts.shape[0]):
-            meta[parity, rank, META_HEADER + r] = rank_counts[r]
+            meta[rank, META_HEADER + r] = rank_counts[r]
         for e in range(expert_counts.shape[0] // num_ranks):
-            meta[parity, rank, META_HEADER + num_ranks + e] = expert_counts[dst * (expert_counts.shape[0] // num_ranks) + e]
-        raise_signal(peer_signals[dst], parity, rank, seq)
+            meta[rank, META_HEADER + num_ranks + e] = expert_counts[dst * (expert_counts.shape[0] // num_ranks) + e]
+        raise_signal(peer_signals[dst], rank, seq)
 
 
 @cuda.jit(device=True)
-def wait_for_peers(signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+def wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
     """Every thread of the block: True once every peer's signal of ``seq`` arrived with a matching meta row.
 
     A block that finds an error already recorded (by an earlier block) does not wait.
     ``flag`` is a shared int32 array of one element.
     """
-    num_ranks = signals.shape[1]
+    num_ranks = signals.shape[0]
     if cuda.threadIdx.x == 0:
         flag[0] = errors[0]
     cuda.syncthreads()
     if flag[0] == 0:
         for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
-            if not wait_signal(signals, parity, src, seq, timeout_ns):
+            if not wait_signal(signals, src, seq, timeout_ns):
                 record_error(errors, ERR_TIMEOUT + src)
             elif (
-                meta[parity, src, META_ROW_BYTES] != row_bytes
-                or meta[parity, src, META_TOPK] != num_topk
-                or meta[parity, src, META_LOCAL_EXPERTS] != num_local_experts
+                meta[src, META_ROW_BYTES] != row_bytes
+                or meta[src, META_TOPK] != num_topk
+                or meta[src, META_LOCAL_EXPERTS] != num_local_experts
             ):
                 record_error(errors, ERR_MISMATCH + src)
     cuda.syncthreads()
@@ -85,7 +85,7 @@ def source_of_row(recv_offsets, row):
 def dispatch_send_kernel(
     x, topk_idx, topk_weights, send_slot, rank_counts, expert_counts,
     peer_x, peer_src_idx, peer_topk_idx, peer_topk_weights, peer_meta, peer_signals,
-    rank, parity, seq, row_bytes, done_counter,
+    rank, seq, row_bytes, done_counter,
 ):
     tid = cuda.threadIdx.x
     num_threads = cuda.blockDim.x
@@ -99,42 +99,42 @@ def dispatch_send_kernel(
             if slot >= 0:
                 out = peer_x[dst]
                 for w in range(tid, num_words, num_threads):
-                    out[parity, rank, slot, w] = x[t, w]
+                    out[rank, slot, w] = x[t, w]
                 for j in range(tid, num_topk, num_threads):
                     local = topk_idx[t, j] - dst * num_local_experts
                     if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
                         local = -1
-                    peer_topk_idx[dst][parity, rank, slot, j] = local
-                    peer_topk_weights[dst][parity, rank, slot, j] = topk_weights[t, j] if local >= 0 else 0.0
+                    peer_topk_idx[dst][rank, slot, j] = local
+                    peer_topk_weights[dst][rank, slot, j] = topk_weights[t, j] if local >= 0 else 0.0
                 if tid == 0:
-                    peer_src_idx[dst][parity, rank, slot] = t
+                    peer_src_idx[dst][rank, slot] = t
     cuda.threadfence_system()
     flag = cuda.shared.array(1, np.int32)
     if last_block_done(done_counter, flag):
-        publish(peer_meta, peer_signals, rank, parity, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts)
+        publish(peer_meta, peer_signals, rank, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts)
 
 
 @cuda.jit
 def dispatch_wait_kernel(
-    signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, count_matrix, recv_per_expert, errors
+    signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, count_matrix, recv_per_expert, errors
 ):
     flag = cuda.shared.array(1, np.int32)
-    if not wait_for_peers(signals, meta, parity, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+    if not wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
         return
-    num_ranks = signals.shape[1]
+    num_ranks = signals.shape[0]
     for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
         for r in range(num_ranks):
-            count_matrix[src, r] = meta[parity, src, META_HEADER + r]
+            count_matrix[src, r] = meta[src, META_HEADER + r]
     for e in range(cuda.threadIdx.x, recv_per_expert.shape[0], cuda.blockDim.x):
         total = 0
         for src in range(num_ranks):
-            total += meta[parity, src, META_HEADER + num_ranks + e]
+            total += meta[src, META_HEADER + num_ranks + e]
         recv_per_expert[e] = total
 
 
 @cuda.jit
 def dispatch_copy_out_kernel(
-    field_x, field_src_idx, field_topk_idx, field_topk_weights, parity, recv_offsets,
+    field_x, field_src_idx, field_topk_idx, field_topk_weights, recv_offsets,
     recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
 ):
     tid = cuda.threadIdx.x
@@ -144,12 +144,12 @@ def dispatch_copy_out_kernel(
         src = source_of_row(recv_offsets, row)
         slot = row - recv_offsets[src]
         for w in range(tid, num_words, num_threads):
-            recv_x[row, w] = field_x[parity, src, slot, w]
+            recv_x[row, w] = field_x[src, slot, w]
         for j in range(tid, recv_topk_idx.shape[1], num_threads):
-            recv_topk_idx[row, j] = field_topk_idx[parity, src, slot, j]
-            recv_topk_weights[row, j] = field_topk_weights[parity, src, slot, j]
+            recv_topk_idx[row, j] = field_topk_idx[src, slot, j]
+            recv_topk_weights[row, j] = field_topk_weights[src, slot, j]
         if tid == 0:
-            recv_src_idx[row] = field_src_idx[parity, src, slot]
+            recv_src_idx[row] = field_src_idx[src, slot]
 
 
 def launch_dispatch_send(blocks: int, threads: int, *args) -> None:

@@ -1,12 +1,14 @@
 """The symmetric tensor layout: where every token of every peer lands in the heap.
 
-A Buffer's symmetric block is split into *fields*, each a typed array with a leading
-``parity`` axis of 2: call number ``seq`` of a Buffer uses parity ``seq % 2``, so a
-rank may already write call ``seq + 1`` into a peer while that peer still reads call
-``seq`` (two calls ahead is impossible: finishing call ``seq + 1`` needs every peer's
-signal of call ``seq + 1``, sent after that peer finished reading call ``seq``).
+A Buffer's symmetric block is split in two halves: call number ``seq`` of a Buffer
+uses half ``seq % 2``, so a rank may already write call ``seq + 1`` into a peer while
+that peer still reads call ``seq`` (two calls ahead is impossible: finishing call
+``seq + 1`` needs every peer's signal of call ``seq + 1``, sent after that peer
+finished reading call ``seq``). Calls of different shapes lay a half out differently,
+so the halves are split first and each is laid out on its own.
 
-Inside a parity, source rank ``s`` owns row block ``[s, 0:capacity]`` of every field,
+A half holds *fields*, each a typed array. Source rank ``s`` owns row block
+``[s, 0:capacity]`` of every field,
 and its ``i``-th token bound for this rank (in source token order) lands in slot
 ``i``. Writers therefore never collide, and a receiver learns everything it needs
 (counts, shapes) from the sender's ``meta`` row, published with its signal: no
@@ -57,7 +59,7 @@ class Field:
 
 @dataclass(frozen=True)
 class SymmetricLayout:
-    """Layout of one Buffer's symmetric block for one call shape.
+    """Layout of one half of a Buffer's symmetric block for one call shape.
 
     Attributes:
         num_ranks: ranks writing into the block (one region each).
@@ -65,11 +67,11 @@ class SymmetricLayout:
         row_bytes: payload bytes of one token (hidden * element size).
         num_topk: top-k entries carried with each token (0: none).
         num_local_experts: experts per rank.
-        fields: name -> :class:`Field`; ``signals`` int64 ``[2, R]``, ``meta`` int32
-            ``[2, R, meta_length]``, ``src_idx`` int32 ``[2, R, cap]``, ``topk_idx`` int32
-            ``[2, R, cap, k]``, ``topk_weights`` float32 ``[2, R, cap, k]``, ``x`` uint8
-            ``[2, R, cap, row_stride]``.
-        nbytes: bytes the block needs.
+        fields: name -> :class:`Field`; ``signals`` int64 ``[R]``, ``meta`` int32
+            ``[R, meta_length]``, ``src_idx`` int32 ``[R, cap]``, ``topk_idx`` int32
+            ``[R, cap, k]``, ``topk_weights`` float32 ``[R, cap, k]``, ``x`` uint8
+            ``[R, cap, row_stride]``.
+        nbytes: bytes one half needs.
     """
 
     num_ranks: int
@@ -85,17 +87,18 @@ class SymmetricLayout:
         return self.fields["x"].shape[-1]
 
     def row_offset(self, parity: int, source: int, slot: int) -> int:
-        """Byte offset in the block where token ``slot`` of ``source`` lands."""
+        """Byte offset in the whole block (both halves) where token ``slot`` of ``source`` lands."""
         if not (0 <= parity < 2 and 0 <= source < self.num_ranks and 0 <= slot < self.capacity):
             raise ValueError(f"(parity, source, slot)=({parity}, {source}, {slot}) outside the layout")
-        return self.fields["x"].offset + ((parity * self.num_ranks + source) * self.capacity + slot) * self.row_stride
+        return parity * self.nbytes + self.fields["x"].offset + (source * self.capacity + slot) * self.row_stride
 
-    def views(self, block: Any) -> dict[str, Any]:
-        """Typed views of every field over ``block`` (uint8 array of at least ``nbytes``)."""
-        if block.shape[0] < self.nbytes:
-            raise ValueError(f"block of {block.shape[0]} bytes is smaller than the layout's {self.nbytes}")
+    def views(self, block: Any, parity: int) -> dict[str, Any]:
+        """Typed views of every field of half ``parity`` of ``block`` (uint8, at least ``2 * nbytes``)."""
+        if block.shape[0] < 2 * self.nbytes:
+            raise ValueError(f"block of {block.shape[0]} bytes is smaller than the layout's 2 x {self.nbytes}")
+        base = parity * self.nbytes
         return {
-            f.name: block[f.offset : f.end].view(f.dtype).reshape(f.shape) for f in self.fields.values()
+            f.name: block[base + f.offset : base + f.end].view(f.dtype).reshape(f.shape) for f in self.fields.values()
         }
 
 
@@ -109,7 +112,7 @@ def symmetric_layout(
     for name, value in (("capacity", capacity), ("row_bytes", row_bytes), ("num_topk", num_topk)):
         if value < 0:
             raise ValueError(f"{name}={value}: must be >= 0")
-    regions = (2, num_ranks)
+    regions = (num_ranks,)
     specs = [
         ("signals", np.int64, regions),
         ("meta", np.int32, regions + (meta_length(num_ranks, num_local_experts),)),
@@ -128,8 +131,8 @@ def symmetric_layout(
 
 
 def size_hint(num_max_tokens: int, num_ranks: int, row_bytes: int, num_topk: int, num_local_experts: int) -> int:
-    """Bytes of symmetric memory a Buffer needs for up to ``num_max_tokens`` tokens per rank."""
-    return symmetric_layout(num_ranks, num_max_tokens, row_bytes, num_topk, num_local_experts).nbytes
+    """Bytes of symmetric memory (both halves) a Buffer needs for up to ``num_max_tokens`` tokens per rank."""
+    return 2 * symmetric_layout(num_ranks, num_max_tokens, row_bytes, num_topk, num_local_experts).nbytes
 
 
 def capacity_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int, num_local_experts: int) -> int:

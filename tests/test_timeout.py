@@ -1,0 +1,45 @@
+"""A rank that never calls dispatch makes the others raise, not hang."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from xmoe.testing.routing import make_routing
+
+
+@pytest.mark.mpi(ranks=2)
+def test_missing_rank_raises_runtime_error(group):
+    import xmoe
+
+    buffer = xmoe.Buffer(group, 1 << 20)
+    routing = make_routing(0, 2, 16, 8, 4, 2, np.float32)
+    if group.rank == 0:
+        idx = routing.topk_idx[0]
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1 never arrived"):
+            buffer.dispatch(routing.x[0], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, topk_idx=idx, config=xmoe.Config(timeout_s=1.0))
+        assert time.monotonic() - start < 30
+        with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
+            buffer.dispatch(routing.x[0], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert)
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_mismatched_hidden_raises(group):
+    import xmoe
+
+    buffer = xmoe.Buffer(group, 1 << 20)
+    hidden = 8 if group.rank == 0 else 16
+    routing = make_routing(0, 2, 16, hidden, 4, 2, np.float32)
+    idx = routing.topk_idx[group.rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    with pytest.raises(RuntimeError, match="different hidden size"):
+        buffer.dispatch(routing.x[group.rank], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                        num_tokens_per_expert=per_expert, topk_idx=idx, config=xmoe.Config(timeout_s=5.0))
+    buffer.destroy()

@@ -1,0 +1,1 @@
+"""Test support shipped with xmoe: the pytest plugin (MPI fixtures) and routing generators."""
