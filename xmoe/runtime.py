@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import shutil
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -68,6 +70,27 @@ def select_backend(name: str | None) -> str:
         )
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1" if want_sim else "0"
     return name
+
+
+def launcher_command(ranks: int, backend: str) -> list[str]:
+    """The command that starts ``ranks`` processes: torchrun on cuda, mpirun on sim.
+
+    mpirun is looked up beside the Python executable first (the ``mpich`` wheel
+    installs it there), then on PATH; ``RuntimeError`` when there is none.
+    """
+    if backend == "cuda":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    for name in ("mpiexec", "mpirun"):
+        beside = Path(sys.executable).parent / name
+        found = str(beside) if beside.exists() else shutil.which(name)
+        if found:
+            return [found, "-n", str(ranks)]
+    raise RuntimeError("no mpirun found: pip install mpich (in xmoe[sim] and xmoe[test])")
+
+
+def launched() -> bool:
+    """Whether this process was started by mpirun or torchrun."""
+    return _launched_by_mpi() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 @dataclass

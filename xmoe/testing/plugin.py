@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,22 +53,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs a CUDA GPU and nvshmem4py (pip install 'xmoe[cu12]' or 'xmoe[cu13]')")
 
 
-def launcher_command(ranks: int, backend: str) -> list[str]:
-    """The command that starts ``ranks`` processes for ``backend``."""
-    if backend == "cuda":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    for name in ("mpiexec", "mpirun"):
-        beside = Path(sys.executable).parent / name
-        found = str(beside) if beside.exists() else shutil.which(name)
-        if found:
-            return [found, "-n", str(ranks)]
-    pytest.skip("no mpirun: pip install mpich (in xmoe[test])")
-    raise AssertionError  # unreachable: skip raises
-
-
 def _relaunch(item: pytest.Function, ranks: int) -> None:
     backend = runtime.default_backend()
-    command = launcher_command(ranks, backend)
+    try:
+        command = runtime.launcher_command(ranks, backend)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
     with tempfile.TemporaryDirectory(prefix="xmoe-ranks-") as results:
         env = dict(os.environ, **{CHILD_ENV: results, "XMOE_BACKEND": backend})
         args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",

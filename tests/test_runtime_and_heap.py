@@ -1,0 +1,55 @@
+"""init(), backend selection, and the simulated symmetric heap across ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmoe import runtime
+
+
+def test_single_process_group(group):
+    assert (group.rank, group.world_size, group.local_rank, group.local_world_size) == (0, 1, 0, 1)
+    assert group.backend == "sim" and group.launcher == "single"
+    assert runtime.get_group() is group and runtime.init() is group
+
+
+def test_init_with_other_backend_raises(group):
+    with pytest.raises(RuntimeError, match="already initialised with backend 'sim'"):
+        runtime.init("cuda")
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("XMOE_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="XMOE_BACKEND='tpu'"):
+        runtime.default_backend()
+    with pytest.raises(ValueError, match="backend='tpu'"):
+        runtime.select_backend("tpu")
+
+
+def test_numba_already_in_the_other_mode_raises():
+    from numba import cuda  # noqa: F401  (loaded in the simulator mode conftest chose)
+
+    with pytest.raises(RuntimeError, match="already imported with the CUDA simulator"):
+        runtime.select_backend("cuda")
+
+
+@pytest.mark.mpi(ranks=4)
+def test_mpi_group_and_heap_peer_views(group):
+    from xmoe.comm import get_heap
+
+    assert group.world_size == 4 and group.launcher == "mpi" and group.local_world_size == 4
+    heap = get_heap(group)
+    array = heap.alloc(4 * 64)
+    assert not array.local.any()
+    rng = np.random.default_rng(group.rank)
+    mine = rng.integers(1, 255, 64, dtype=np.uint8)
+    for peer in range(4):  # each rank writes its row of every peer's block
+        array.peer(peer)[group.rank * 64 : (group.rank + 1) * 64] = mine
+    heap.barrier()
+    rows = group.allgather(mine)
+    for source in range(4):
+        np.testing.assert_array_equal(array.local[source * 64 : (source + 1) * 64], rows[source])
+    with pytest.raises(ValueError, match="rank=4"):
+        array.peer(4)
+    array.free()

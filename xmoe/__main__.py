@@ -1,0 +1,5 @@
+import sys
+
+from xmoe.cli import main
+
+sys.exit(main())
