@@ -17,14 +17,15 @@ from xmoe import runtime
 from xmoe.comm import get_heap
 from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT
 from xmoe.config import Config
-from xmoe.event import EventOverlap, check_previous_event
-from xmoe.interop import BFLOAT16, Origin, as_array, to_origin
+from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
+from xmoe.interop import BFLOAT16, Origin, as_array, on_gpu, to_host, to_origin, xp
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
+from xmoe.kernels.launch import kernel_arg
 from xmoe.kernels.dispatch import launch_dispatch_copy_out, launch_dispatch_send, launch_dispatch_wait
 from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
-PAYLOAD_DTYPES = (np.dtype(np.float32), BFLOAT16)
+PAYLOAD_DTYPES = ("float32", "bfloat16")
 
 
 class DispatchHandle(NamedTuple):
@@ -51,25 +52,29 @@ class DispatchHandle(NamedTuple):
     num_local_experts: int
 
 
-def _check_array(array: np.ndarray, name: str, dtype: Any, shape: tuple[int | None, ...]) -> None:
+def _check_array(array: Any, origin: Origin, name: str, dtype: Any, shape: tuple[int | None, ...]) -> None:
     """``ValueError`` naming ``name`` unless ``array`` has ``dtype`` and ``shape`` (None: any size)."""
-    if array.dtype != np.dtype(dtype):
-        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {array.dtype.name}")
+    if origin.dtype != np.dtype(dtype).name:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {origin.dtype}")
     if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
         wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {wanted}, got {list(array.shape)}")
 
 
-def _check_payload(array: np.ndarray, name: str, rows: int | None = None) -> None:
-    if array.dtype not in PAYLOAD_DTYPES:
-        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {array.dtype.name}")
-    _check_array(array, name, array.dtype, (rows, None))
+def _check_payload(array: Any, origin: Origin, name: str, rows: int | None = None) -> None:
+    if origin.dtype not in PAYLOAD_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {origin.dtype}")
+    _check_array(array, origin, name, origin.dtype, (rows, None))
 
 
-def _as_words(payload: np.ndarray) -> np.ndarray:
+def _data_pointer(array: Any) -> int:
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
+
+
+def _as_words(payload: Any) -> Any:
     """The rows of ``payload`` ``[rows, hidden]`` as the widest unsigned words that divide a row."""
     row_bytes = payload.shape[1] * payload.itemsize
-    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and payload.ctypes.data % w == 0)
+    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and _data_pointer(payload) % w == 0)
     return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(np.dtype(f"u{word}"))
 
 
@@ -106,9 +111,10 @@ class Buffer:
         self.num_nvl_bytes = int(num_nvl_bytes)
         self._block = get_heap(group).alloc(self.num_nvl_bytes)
         self._seq = 0
-        self._done_counter = np.zeros(1, np.int32)
+        self._done_counter = xp().zeros(1, np.int32)
         self._failure: str | None = None
-        self._views: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._views: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+        self._comm_stream = None
 
     # ----------------------------------------------------------------- sizes
     @staticmethod
@@ -152,24 +158,37 @@ class Buffer:
         return layout
 
     def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype, element: np.dtype) -> dict[str, Any]:
-        """Peer tuples and local views of half ``parity``; the payload as words and as elements."""
+        """Peer tuples and local views of half ``parity``; the payload as words and as elements,
+        converted once to what the kernels take."""
         key = (id(layout), parity, np.dtype(word).itemsize, np.dtype(element).num)
         fields = self._views.get(key)
         if fields is None:
             peers = [layout.views(block, parity) for block in self._block.peers]
-            fields = {name: tuple(p[name] for p in peers) for name in layout.fields}
-            fields["x_words"] = tuple(p["x"].view(word) for p in peers)
-            fields["local"] = peers[self.rank]
-            fields["x_elements"] = peers[self.rank]["x"].view(element)
+            fields = {name: kernel_arg(tuple(p[name] for p in peers)) for name in layout.fields}
+            fields["x_words"] = kernel_arg(tuple(p["x"].view(word) for p in peers))
+            fields["local"] = {name: kernel_arg(view) for name, view in peers[self.rank].items()}
+            fields["local"]["x_words"] = fields["x_words"][self.rank]
+            fields["local"]["x_elements"] = kernel_arg(peers[self.rank]["x"].view(element))
             self._views[key] = fields
         return fields
+
+    def _plan(self, framework: str, previous_event: EventOverlap | None, async_finish: bool) -> StreamPlan | HostPlan:
+        check_previous_event(previous_event)
+        if not on_gpu():
+            return HostPlan()
+        if async_finish and self._comm_stream is None:
+            import cupy
+
+            self._comm_stream = cupy.cuda.Stream(non_blocking=True)
+        return StreamPlan(framework, self._comm_stream, previous_event, async_finish)
 
     def _next_call(self) -> tuple[int, int]:
         self._seq += 1
         return self._seq, self._seq % 2
 
-    def _check_errors(self, errors: np.ndarray, what: str, timeout_s: float) -> None:
-        code = int(errors[0])
+    def _check_errors(self, errors: Any, plan: StreamPlan | HostPlan, what: str, timeout_s: float) -> None:
+        plan.synchronize()
+        code = int(to_host(errors)[0])
         if code == 0:
             return
         if code >= ERR_MISMATCH:
@@ -184,6 +203,13 @@ class Buffer:
         self._failure = message
         raise RuntimeError(message)
 
+    def _num_local_experts(self, num_experts: Any) -> int:
+        if not isinstance(num_experts, (int, np.integer)) or num_experts <= 0:
+            raise ValueError(f"num_experts={num_experts!r}: must be a positive int")
+        if num_experts % self.num_ranks:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the {self.num_ranks} ranks")
+        return int(num_experts) // self.num_ranks
+
     # ---------------------------------------------------------------- layout
     def get_dispatch_layout(
         self, topk_idx: Any, num_experts: int, previous_event: EventOverlap | None = None, async_finish: bool = False
@@ -193,35 +219,33 @@ class Buffer:
         Args:
             topk_idx: int64 ``[tokens, k]``, expert ids in ``[0, num_experts)``, -1 for a masked slot.
             num_experts: experts in total, a multiple of the rank count.
+            previous_event / async_finish: as in DeepEP (see :class:`EventOverlap`).
 
         Returns:
             ``(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event)``:
             int32 ``[ranks]``, None (intranode), int32 ``[num_experts]``, bool ``[tokens, ranks]``.
         """
         self._check_usable()
-        check_previous_event(previous_event)
         idx, origin = as_array(topk_idx, "topk_idx")
-        _check_array(idx, "topk_idx", np.int64, (None, None))
+        _check_array(idx, origin, "topk_idx", np.int64, (None, None))
         self._num_local_experts(num_experts)
         config = self._config(None)
-        tokens_per_rank = np.empty(self.num_ranks, np.int32)
-        tokens_per_expert = np.empty(num_experts, np.int32)
-        is_token_in_rank = np.empty((idx.shape[0], self.num_ranks), np.bool_)
-        errors = np.zeros(1, np.int32)
+        plan = self._plan(origin.framework, previous_event, async_finish)
+        arrays = xp()
+        tokens_per_rank = arrays.empty(self.num_ranks, np.int32)
+        tokens_per_expert = arrays.empty(num_experts, np.int32)
+        is_token_in_rank = arrays.empty((idx.shape[0], self.num_ranks), np.bool_)
+        errors = arrays.zeros(1, np.int32)
         launch_dispatch_layout(idx, num_experts, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors,
-                               config.num_threads)
-        if errors[0]:
-            t, j = divmod(int(errors[0]) - 1, idx.shape[1])
-            raise ValueError(f"topk_idx[{t}, {j}]={idx[t, j]}: expert ids must be -1 or in [0, {num_experts})")
+                               config.num_threads, plan.pointer)
+        plan.synchronize()
+        code = int(to_host(errors)[0])
+        if code:
+            t, j = divmod(code - 1, idx.shape[1])
+            raise ValueError(f"topk_idx[{t}, {j}]={int(to_host(idx[t, j]))}: expert ids must be -1 or in "
+                             f"[0, {num_experts})")
         return (to_origin(tokens_per_rank, origin), None, to_origin(tokens_per_expert, origin),
-                to_origin(is_token_in_rank, origin), EventOverlap())
-
-    def _num_local_experts(self, num_experts: Any) -> int:
-        if not isinstance(num_experts, (int, np.integer)) or num_experts <= 0:
-            raise ValueError(f"num_experts={num_experts!r}: must be a positive int")
-        if num_experts % self.num_ranks:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the {self.num_ranks} ranks")
-        return int(num_experts) // self.num_ranks
+                to_origin(is_token_in_rank, origin), plan.finish())
 
     # -------------------------------------------------------------- dispatch
     def dispatch(
@@ -261,17 +285,17 @@ class Buffer:
             without top-k or in cached mode; a list of ints per local expert.
         """
         self._check_usable()
-        check_previous_event(previous_event)
         config = self._config(config)
         payload, origin = as_array(x, "x")
-        _check_payload(payload, "x")
+        _check_payload(payload, origin, "x")
         num_tokens = payload.shape[0]
+        plan = self._plan(origin.framework, previous_event, async_finish)
         if handle is not None:
             routing = self._cached_routing(handle, num_tokens, num_tokens_per_rank, is_token_in_rank,
                                            num_tokens_per_expert, topk_idx, topk_weights)
         else:
             routing = self._new_routing(num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                                        topk_idx, topk_weights, expert_alignment, config)
+                                        topk_idx, topk_weights, expert_alignment, config, plan)
         in_rank, send_slot, send_counts, expert_counts, idx, weights = routing
         num_local_experts = expert_counts.shape[0] // self.num_ranks
         row_bytes = payload.shape[1] * payload.itemsize
@@ -279,44 +303,48 @@ class Buffer:
         words = _as_words(payload)
         seq, parity = self._next_call()
         fields = self._fields(layout, parity, words.dtype, payload.dtype)
-        launch_dispatch_send(
-            config.num_sms, config.num_threads, words, idx, weights, send_slot, send_counts, expert_counts,
-            fields["x_words"], fields["src_idx"], fields["topk_idx"], fields["topk_weights"], fields["meta"],
-            fields["signals"], self.rank, seq, row_bytes, self._done_counter,
-        )
         local = fields["local"]
-        count_matrix = np.empty((self.num_ranks, self.num_ranks), np.int32)
-        recv_per_expert = np.empty(num_local_experts, np.int32)
-        errors = np.zeros(1, np.int32)
+        launch_dispatch_send(
+            config.num_sms, config.num_threads, plan.pointer, words, idx, weights, send_slot, send_counts,
+            expert_counts, fields["x_words"], fields["src_idx"], fields["topk_idx"], fields["topk_weights"],
+            fields["meta"], fields["signals"], self.rank, seq, row_bytes, self._done_counter,
+        )
+        arrays = xp()
+        count_matrix = arrays.empty((self.num_ranks, self.num_ranks), np.int32)
+        recv_per_expert = arrays.empty(num_local_experts, np.int32)
+        errors = arrays.zeros(1, np.int32)
         launch_dispatch_wait(
-            config.num_threads, local["signals"], local["meta"], seq, row_bytes, idx.shape[1],
+            config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes, idx.shape[1],
             num_local_experts, int(config.timeout_s * 1e9), count_matrix, recv_per_expert, errors,
         )
-        self._check_errors(errors, "dispatch", config.timeout_s)
-        recv_offsets = np.zeros(self.num_ranks + 1, np.int32)
-        np.cumsum(count_matrix[:, self.rank], out=recv_offsets[1:])
-        num_recv = int(recv_offsets[-1])
-        recv_x = np.empty((num_recv, payload.shape[1]), payload.dtype)
-        recv_src_idx = np.empty(num_recv, np.int32)
-        recv_idx = np.empty((num_recv, idx.shape[1]), np.int64)
-        recv_weights = np.empty((num_recv, idx.shape[1]), np.float32)
+        self._check_errors(errors, plan, "dispatch", config.timeout_s)
+        counts = to_host(count_matrix)
+        host_offsets = np.zeros(self.num_ranks + 1, np.int32)
+        np.cumsum(counts[:, self.rank], out=host_offsets[1:])
+        recv_offsets = arrays.asarray(host_offsets)
+        num_recv = int(host_offsets[-1])
+        recv_x = arrays.empty((num_recv, payload.shape[1]), payload.dtype)
+        recv_src_idx = arrays.empty(num_recv, np.int32)
+        recv_idx = arrays.empty((num_recv, idx.shape[1]), np.int64)
+        recv_weights = arrays.empty((num_recv, idx.shape[1]), np.float32)
         launch_dispatch_copy_out(
-            config.num_sms, config.num_threads, fields["x_words"][self.rank], local["src_idx"], local["topk_idx"],
+            config.num_sms, config.num_threads, plan.pointer, local["x_words"], local["src_idx"], local["topk_idx"],
             local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
         )
         if handle is None:
             alignment = int(expert_alignment)
-            per_expert = [int(-(-int(c) // alignment) * alignment) for c in recv_per_expert]
-            handle = DispatchHandle(np.cumsum(count_matrix, axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
+            per_expert = [int(-(-int(c) // alignment) * alignment) for c in to_host(recv_per_expert)]
+            handle = DispatchHandle(np.cumsum(counts, axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                                     send_counts, recv_offsets, per_expert, num_local_experts)
         has_topk = topk_idx is not None
+        bf16 = origin.dtype == "bfloat16"
         return (
-            to_origin(recv_x, origin),
+            to_origin(recv_x, origin, bf16),
             to_origin(recv_idx, origin) if has_topk else None,
             to_origin(recv_weights, origin) if has_topk and topk_weights is not None else None,
             list(handle.num_recv_tokens_per_expert_list),
             handle,
-            EventOverlap(),
+            plan.finish(),
         )
 
     def _cached_routing(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
@@ -332,12 +360,13 @@ class Buffer:
         if handle.is_token_in_rank.shape != (num_tokens, self.num_ranks):
             raise ValueError(f"x: {num_tokens} tokens, but the handle routes {handle.is_token_in_rank.shape[0]} tokens "
                              f"over {handle.is_token_in_rank.shape[1]} ranks")
-        no_topk = np.empty((num_tokens, 0), np.int64)
+        arrays = xp()
         return (handle.is_token_in_rank, handle.send_slot, handle.num_tokens_per_rank,
-                np.zeros(handle.num_local_experts * self.num_ranks, np.int32), no_topk, no_topk.astype(np.float32))
+                arrays.zeros(handle.num_local_experts * self.num_ranks, np.int32),
+                arrays.empty((num_tokens, 0), np.int64), arrays.empty((num_tokens, 0), np.float32))
 
     def _new_routing(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                     topk_weights, expert_alignment, config):
+                     topk_weights, expert_alignment, config, plan):
         missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
                                             ("is_token_in_rank", is_token_in_rank),
                                             ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
@@ -346,30 +375,29 @@ class Buffer:
         if not isinstance(expert_alignment, (int, np.integer)) or expert_alignment < 1:
             raise ValueError(f"expert_alignment={expert_alignment!r}: must be an int >= 1")
         ranks = self.num_ranks
-        per_rank, _ = as_array(num_tokens_per_rank, "num_tokens_per_rank")
-        _check_array(per_rank, "num_tokens_per_rank", np.int32, (ranks,))
-        in_rank, _ = as_array(is_token_in_rank, "is_token_in_rank")
-        _check_array(in_rank, "is_token_in_rank", np.bool_, (num_tokens, ranks))
-        expert_counts, _ = as_array(num_tokens_per_expert, "num_tokens_per_expert")
-        _check_array(expert_counts, "num_tokens_per_expert", np.int32, (None,))
+        arrays = xp()
+        per_rank, origin = as_array(num_tokens_per_rank, "num_tokens_per_rank")
+        _check_array(per_rank, origin, "num_tokens_per_rank", np.int32, (ranks,))
+        in_rank, origin = as_array(is_token_in_rank, "is_token_in_rank")
+        _check_array(in_rank, origin, "is_token_in_rank", np.bool_, (num_tokens, ranks))
+        expert_counts, origin = as_array(num_tokens_per_expert, "num_tokens_per_expert")
+        _check_array(expert_counts, origin, "num_tokens_per_expert", np.int32, (None,))
         self._num_local_experts(expert_counts.shape[0])
         if topk_idx is not None:
-            idx, _ = as_array(topk_idx, "topk_idx")
-            _check_array(idx, "topk_idx", np.int64, (num_tokens, None))
-            if idx.shape[1] > config.num_threads:
-                raise ValueError(f"topk_idx: top-{idx.shape[1]} exceeds config.num_threads={config.num_threads}")
+            idx, origin = as_array(topk_idx, "topk_idx")
+            _check_array(idx, origin, "topk_idx", np.int64, (num_tokens, None))
         else:
-            idx = np.empty((num_tokens, 0), np.int64)
+            idx = arrays.empty((num_tokens, 0), np.int64)
         if topk_weights is not None:
             if topk_idx is None:
                 raise ValueError("topk_weights: passed without topk_idx")
-            weights, _ = as_array(topk_weights, "topk_weights")
-            _check_array(weights, "topk_weights", np.float32, idx.shape)
+            weights, origin = as_array(topk_weights, "topk_weights")
+            _check_array(weights, origin, "topk_weights", np.float32, idx.shape)
         else:
-            weights = np.zeros(idx.shape, np.float32)
-        send_slot = np.empty((num_tokens, ranks), np.int32)
-        send_counts = np.empty(ranks, np.int32)
-        launch_send_slots(in_rank, send_slot, send_counts, config.num_threads)
+            weights = arrays.zeros(idx.shape, np.float32)
+        send_slot = arrays.empty((num_tokens, ranks), np.int32)
+        send_counts = arrays.empty(ranks, np.int32)
+        launch_send_slots(in_rank, send_slot, send_counts, config.num_threads, plan.pointer)
         return in_rank, send_slot, send_counts, expert_counts, idx, weights
 
     # --------------------------------------------------------------- combine
@@ -388,6 +416,7 @@ class Buffer:
             x: float32 or bfloat16 ``[recv, hidden]``, rows in the order dispatch returned.
             handle: the dispatch's handle.
             topk_weights: float32 ``[recv, k]`` or None.
+            config / previous_event / async_finish: as in :meth:`dispatch`.
 
         Returns:
             ``(combined_x, combined_topk_weights, event)``: ``[tokens, hidden]`` in x's dtype,
@@ -395,44 +424,44 @@ class Buffer:
             token routed nowhere); float32 ``[tokens, k]`` likewise, or None.
         """
         self._check_usable()
-        check_previous_event(previous_event)
         config = self._config(config)
         if not isinstance(handle, DispatchHandle):
             raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
-        num_recv = int(handle.recv_offsets[-1])
+        num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
         payload, origin = as_array(x, "x")
-        _check_payload(payload, "x", num_recv)
+        _check_payload(payload, origin, "x", num_recv)
+        arrays = xp()
         if topk_weights is not None:
-            weights, _ = as_array(topk_weights, "topk_weights")
-            _check_array(weights, "topk_weights", np.float32, (num_recv, None))
+            weights, weights_origin = as_array(topk_weights, "topk_weights")
+            _check_array(weights, weights_origin, "topk_weights", np.float32, (num_recv, None))
         else:
-            weights = np.empty((num_recv, 0), np.float32)
+            weights = arrays.empty((num_recv, 0), np.float32)
+        plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = handle.is_token_in_rank.shape[0]
         counts = np.diff(handle.rank_prefix_matrix, axis=0, prepend=0)
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, int(counts.max(initial=0)),
                               "combine")
         words = _as_words(payload)
-        element = np.dtype(np.uint16) if payload.dtype == BFLOAT16 else payload.dtype
         seq, parity = self._next_call()
-        fields = self._fields(layout, parity, words.dtype, element)
-        launch_combine_send(
-            config.num_sms, config.num_threads, words, weights, handle.recv_offsets, fields["x_words"],
-            fields["topk_weights"], fields["meta"], fields["signals"], self.rank, seq, row_bytes,
-            handle.num_local_experts, np.zeros(0, np.int32), self._done_counter,
-        )
-        out = np.empty((num_tokens, payload.shape[1]), payload.dtype)
-        out_weights = np.empty((num_tokens, weights.shape[1]), np.float32)
-        errors = np.zeros(1, np.int32)
+        fields = self._fields(layout, parity, words.dtype, payload.dtype)
         local = fields["local"]
-        launch_combine_reduce(
-            element, config.num_sms, config.num_threads, local["signals"], local["meta"], fields["x_elements"],
-            local["topk_weights"], handle.send_slot, seq, row_bytes, handle.num_local_experts,
-            int(config.timeout_s * 1e9), out.view(element), out_weights, errors,
+        launch_combine_send(
+            config.num_sms, config.num_threads, plan.pointer, words, weights, handle.recv_offsets,
+            fields["x_words"], fields["topk_weights"], fields["meta"], fields["signals"], self.rank, seq, row_bytes,
+            handle.num_local_experts, arrays.zeros(0, np.int32), self._done_counter,
         )
-        self._check_errors(errors, "combine", config.timeout_s)
-        return (to_origin(out, origin), to_origin(out_weights, origin) if topk_weights is not None else None,
-                EventOverlap())
+        out = arrays.empty((num_tokens, payload.shape[1]), payload.dtype)
+        out_weights = arrays.empty((num_tokens, weights.shape[1]), np.float32)
+        errors = arrays.zeros(1, np.int32)
+        launch_combine_reduce(
+            payload.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"],
+            local["x_elements"], local["topk_weights"], handle.send_slot, seq, row_bytes, handle.num_local_experts,
+            int(config.timeout_s * 1e9), out, out_weights, errors,
+        )
+        self._check_errors(errors, plan, "combine", config.timeout_s)
+        return (to_origin(out, origin, origin.dtype == "bfloat16"),
+                to_origin(out_weights, origin) if topk_weights is not None else None, plan.finish())
 
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:

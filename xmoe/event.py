@@ -1,24 +1,44 @@
-"""EventOverlap: DeepEP's handle on asynchronous work, framework-neutral."""
+"""EventOverlap and streams: DeepEP's handle on asynchronous work, framework-neutral.
+
+On the GPU a call runs on the caller's current stream (PyTorch's when the inputs are
+PyTorch tensors, CuPy's otherwise), or with ``async_finish=True`` on the Buffer's own
+communication stream, which first waits for ``previous_event`` (or the caller's
+stream); the returned :class:`EventOverlap` marks the end of the call's work there.
+On the simulator every call has finished when it returns.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-class EventOverlap:
-    """Completion of a dispatch/combine call.
+def current_stream(framework: str) -> Any:
+    """The caller's current CUDA stream as a CuPy stream (PyTorch's for PyTorch tensors)."""
+    import cupy
 
-    On the simulator every call has finished when it returns, so the event is already
-    complete; on the GPU it wraps a CUDA event recorded on the communication stream.
+    if framework == "torch":
+        import torch
+
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    return cupy.cuda.get_current_stream()
+
+
+class EventOverlap:
+    """Completion of a dispatch/combine call (DeepEP's ``EventOverlap``).
+
+    Args:
+        event: a CuPy event recorded after the call's work, or None when it has finished.
+        framework: whose current stream :meth:`current_stream_wait` makes wait.
     """
 
-    def __init__(self, event: Any = None) -> None:
+    def __init__(self, event: Any = None, framework: str = "cupy") -> None:
         self.event = event
+        self.framework = framework
 
     def current_stream_wait(self) -> None:
         """Make the caller's current stream wait for the work this event marks."""
         if self.event is not None:
-            self.event.current_stream_wait()
+            current_stream(self.framework).wait_event(self.event)
 
     def synchronize(self) -> None:
         """Block the host until the work this event marks has finished."""
@@ -36,3 +56,45 @@ def check_previous_event(previous_event: Any) -> None:
     """``ValueError`` unless ``previous_event`` is None or an :class:`EventOverlap`."""
     if previous_event is not None and not isinstance(previous_event, EventOverlap):
         raise ValueError(f"previous_event: expected an EventOverlap or None, got {type(previous_event).__name__}")
+
+
+class StreamPlan:
+    """Where one call's kernels go, and the event that marks their end.
+
+    Args:
+        framework: the framework of the call's tensors.
+        comm_stream: the Buffer's communication stream (used with ``async_finish``).
+        previous_event: an :class:`EventOverlap` the work must wait for, or None.
+        async_finish: run on ``comm_stream`` instead of the caller's stream.
+    """
+
+    def __init__(self, framework: str, comm_stream: Any, previous_event: EventOverlap | None, async_finish: bool):
+        self.framework = framework
+        compute = current_stream(framework)
+        self.stream = comm_stream if async_finish else compute
+        if previous_event is not None and previous_event.event is not None:
+            self.stream.wait_event(previous_event.event)
+        elif async_finish:
+            self.stream.wait_event(compute.record())
+
+    @property
+    def pointer(self) -> int:
+        return self.stream.ptr
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def finish(self) -> EventOverlap:
+        return EventOverlap(self.stream.record(), self.framework)
+
+
+class HostPlan:
+    """The simulator's :class:`StreamPlan`: kernels finish before launch returns."""
+
+    pointer = 0
+
+    def synchronize(self) -> None:
+        pass
+
+    def finish(self) -> EventOverlap:
+        return EventOverlap()

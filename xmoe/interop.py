@@ -1,13 +1,15 @@
 """DLPack in and out: tensors enter as arrays the kernels use and leave as the caller's type.
 
-NumPy in, NumPy out; PyTorch in, PyTorch out; JAX and CuPy likewise. bfloat16 has no
-DLPack code that NumPy understands, so it crosses as its 16-bit pattern and is viewed
-as ``ml_dtypes.bfloat16`` on this side.
+NumPy in, NumPy out; PyTorch in, PyTorch out; JAX and CuPy likewise. Inside xmoe the
+arrays are NumPy on the simulator and CuPy on the GPU (zero-copy views of the
+caller's memory). bfloat16 has no type NumPy or CuPy compute with, so it travels as
+its 16-bit pattern (uint16) and the :class:`Origin` remembers that it was bfloat16.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import ml_dtypes
@@ -18,9 +20,32 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 @dataclass(frozen=True)
 class Origin:
-    """Which framework a tensor came from, so that results go back as that type."""
+    """Where a tensor came from: its framework, and its dtype's name as the caller sees it."""
 
     framework: str  # "numpy", "torch", "jax" or "cupy"
+    dtype: str  # e.g. "float32", "bfloat16", "int64"
+
+
+@lru_cache(maxsize=1)
+def on_gpu() -> bool:
+    """Whether kernels run on the GPU (fixed by ``xmoe.init()`` before Numba loads)."""
+    from numba.cuda.core import config
+
+    return not config.ENABLE_CUDASIM
+
+
+def xp() -> Any:
+    """The array module of the backend: NumPy on the simulator, CuPy on the GPU."""
+    if on_gpu():
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A NumPy copy (or the array itself, on the simulator)."""
+    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else array
 
 
 def framework_of(value: Any) -> str:
@@ -29,47 +54,82 @@ def framework_of(value: Any) -> str:
         return "jax"
     if module in ("numpy", "torch", "cupy"):
         return module
-    raise ValueError(f"unsupported tensor type {type(value).__module__}.{type(value).__name__}: pass a NumPy, PyTorch, JAX or CuPy array")
+    raise ValueError(f"unsupported tensor type {type(value).__module__}.{type(value).__name__}: "
+                     "pass a NumPy, PyTorch, JAX or CuPy array")
 
 
-def _torch_to_numpy(value: Any) -> np.ndarray:
+def _from_torch(value: Any, name: str) -> tuple[Any, str]:
     import torch
 
-    if value.is_cuda:
-        raise ValueError("a CUDA tensor was passed to the CPU simulation backend")
+    value = value.detach()
+    if value.is_cuda != on_gpu():
+        where = "a CUDA tensor to the CPU simulation backend" if value.is_cuda else "a CPU tensor to the cuda backend"
+        raise ValueError(f"{name}: {where}")
+    dtype = str(value.dtype).removeprefix("torch.")
     if value.dtype == torch.bfloat16:
-        return np.from_dlpack(value.detach().contiguous().view(torch.int16)).view(BFLOAT16)
-    return np.from_dlpack(value.detach().contiguous())
+        value = value.view(torch.int16)
+    value = value.contiguous()
+    array = xp().from_dlpack(value) if on_gpu() else np.from_dlpack(value)
+    return (array.view(np.uint16) if dtype == "bfloat16" else array), dtype
 
 
-def as_array(value: Any, name: str) -> tuple[np.ndarray, Origin]:
-    """``value`` as a NumPy array (zero-copy where the framework allows) and its origin."""
+def _from_jax(value: Any, name: str) -> tuple[Any, str]:
+    dtype = str(value.dtype)
+    if on_gpu():
+        import jax
+
+        if dtype == "bfloat16":
+            value = jax.lax.bitcast_convert_type(value, np.uint16)
+        return xp().from_dlpack(value), dtype
+    array = np.asarray(value)
+    return (array.view(np.uint16) if dtype == "bfloat16" else array), dtype
+
+
+def as_array(value: Any, name: str) -> tuple[Any, Origin]:
+    """``value`` as a C-contiguous backend array (zero-copy where possible) and its origin.
+
+    A bfloat16 tensor comes back as a uint16 view of its bits with ``Origin.dtype == "bfloat16"``.
+    """
     if value is None:
         raise ValueError(f"{name}: expected a tensor, got None")
     framework = framework_of(value)
-    if framework == "numpy":
-        array = value
-    elif framework == "torch":
-        array = _torch_to_numpy(value)
+    if framework == "torch":
+        array, dtype = _from_torch(value, name)
     elif framework == "jax":
-        array = np.asarray(value)
+        array, dtype = _from_jax(value, name)
+    elif framework == "cupy":
+        if not on_gpu():
+            raise ValueError(f"{name}: a CuPy array was passed to the CPU simulation backend")
+        array, dtype = value, str(value.dtype)
     else:
-        raise ValueError(f"{name}: a CuPy array was passed to the CPU simulation backend")
-    return np.ascontiguousarray(array), Origin(framework)
+        if on_gpu():
+            raise ValueError(f"{name}: a NumPy array was passed to the cuda backend; pass a device tensor")
+        array, dtype = value, str(value.dtype)
+        if value.dtype == BFLOAT16:
+            array = value.view(np.uint16)
+    return xp().ascontiguousarray(array), Origin(framework, dtype)
 
 
-def to_origin(array: np.ndarray | None, origin: Origin) -> Any:
-    """``array`` as the framework ``origin`` names (None stays None)."""
-    if array is None or origin.framework == "numpy":
+def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
+    """``array`` as the framework ``origin`` names; ``bfloat16``: ``array`` holds bfloat16 bits."""
+    if array is None:
+        return None
+    framework = origin.framework
+    if framework == "numpy":
+        return array.view(BFLOAT16) if bfloat16 else array
+    if framework == "cupy":
         return array
-    if origin.framework == "torch":
+    if framework == "torch":
         import torch
 
-        if array.dtype == BFLOAT16:
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(array)
-    if origin.framework == "jax":
+        tensor = torch.from_dlpack(array.view(np.int16) if bfloat16 else array)
+        return tensor.view(torch.bfloat16) if bfloat16 else tensor
+    if framework == "jax":
+        import jax
         import jax.numpy as jnp
 
-        return jnp.asarray(array)
-    raise ValueError(f"cannot return an array to {origin.framework}")
+        if on_gpu():
+            result = jax.dlpack.from_dlpack(array)
+            return jax.lax.bitcast_convert_type(result, jnp.bfloat16) if bfloat16 else result
+        return jnp.asarray(array.view(BFLOAT16) if bfloat16 else array)
+    raise ValueError(f"cannot return an array to {framework}")

@@ -83,11 +83,11 @@ REDUCE_KERNELS = {
 }
 
 
-def launch_combine_send(blocks: int, threads: int, *args) -> None:
+def launch_combine_send(blocks: int, threads: int, stream: int, *args) -> None:
     """See :func:`combine_send_kernel`; ``x`` is the payload as words ``[rows, words]``."""
-    launch(combine_send_kernel, blocks, threads, *args)
+    launch(combine_send_kernel, blocks, threads, *args, stream=stream)
 
 
-def launch_combine_reduce(element: np.dtype, blocks: int, threads: int, *args) -> None:
+def launch_combine_reduce(element: np.dtype, blocks: int, threads: int, stream: int, *args) -> None:
     """See ``combine_reduce_kernel``; ``element`` is float32 or uint16 (bfloat16 bits)."""
-    launch(REDUCE_KERNELS[np.dtype(element)], blocks, threads, *args)
+    launch(REDUCE_KERNELS[np.dtype(element)], blocks, threads, *args, stream=stream)

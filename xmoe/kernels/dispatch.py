@@ -152,17 +152,20 @@ def dispatch_copy_out_kernel(
             recv_src_idx[row] = field_src_idx[src, slot]
 
 
-def launch_dispatch_send(blocks: int, threads: int, *args) -> None:
+def launch_dispatch_send(blocks: int, threads: int, stream: int, *args) -> None:
     """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``."""
-    launch(dispatch_send_kernel, blocks, threads, *args)
+    launch(dispatch_send_kernel, blocks, threads, *args, stream=stream)
 
 
-def launch_dispatch_wait(threads: int, *args) -> None:
+def launch_dispatch_wait(threads: int, stream: int, *args) -> None:
     """One block waits for every source; see :func:`dispatch_wait_kernel`."""
-    launch(dispatch_wait_kernel, 1, threads, *args)
+    launch(dispatch_wait_kernel, 1, threads, *args, stream=stream)
 
 
-def launch_dispatch_copy_out(blocks: int, threads: int, *args) -> None:
-    """See :func:`dispatch_copy_out_kernel`; nothing to launch for zero received rows."""
-    if args[6].shape[0] > 0:
-        launch(dispatch_copy_out_kernel, blocks, threads, *args)
+def launch_dispatch_copy_out(blocks: int, threads: int, stream: int, field_x, field_src_idx, field_topk_idx,
+                             field_topk_weights, recv_offsets, recv_x, recv_src_idx, recv_topk_idx,
+                             recv_topk_weights) -> None:
+    """Copy the received rows out of the symmetric fields; nothing to launch for zero rows."""
+    if recv_x.shape[0] > 0:
+        launch(dispatch_copy_out_kernel, blocks, threads, field_x, field_src_idx, field_topk_idx, field_topk_weights,
+               recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights, stream=stream)

@@ -98,25 +98,27 @@ def _check_threads(num_threads: int) -> None:
 
 
 def launch_dispatch_layout(
-    topk_idx, num_experts: int, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors, num_threads: int
+    topk_idx, num_experts: int, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors, num_threads: int,
+    stream: int = 0,
 ) -> None:
     """Fill the layout of ``topk_idx`` (int64 ``[tokens, k]``) into the given outputs.
 
     Outputs: ``tokens_per_rank`` int32 ``[ranks]``, ``tokens_per_expert`` int32
     ``[experts]``, ``is_token_in_rank`` bool ``[tokens, ranks]``; ``errors`` int32 ``[1]``
-    (zeroed by the caller) receives ``1 + t * k + j`` for the first out-of-range
-    ``topk_idx[t, j]``.
+    (zeroed by the caller) receives ``1 + t * k + j`` for an out-of-range ``topk_idx[t, j]``.
+    ``stream``: CUDA stream pointer (0: default).
     """
     _check_threads(num_threads)
     num_ranks = tokens_per_rank.shape[0]
     if num_experts // num_ranks > MAX_LOCAL_EXPERTS:
         raise ValueError(f"num_experts={num_experts}: at most {MAX_LOCAL_EXPERTS} experts per rank")
     launch(dispatch_layout_kernel, num_ranks, num_threads, topk_idx, np.int64(num_experts),
-           tokens_per_rank, tokens_per_expert, is_token_in_rank, errors)
+           tokens_per_rank, tokens_per_expert, is_token_in_rank, errors, stream=stream)
 
 
-def launch_send_slots(is_token_in_rank, send_slot, tokens_per_rank, num_threads: int) -> None:
+def launch_send_slots(is_token_in_rank, send_slot, tokens_per_rank, num_threads: int, stream: int = 0) -> None:
     """``send_slot`` int32 ``[tokens, ranks]``: slot of each token in each rank's region, -1 if not sent;
     ``tokens_per_rank`` int32 ``[ranks]``: the column counts."""
     _check_threads(num_threads)
-    launch(send_slot_kernel, is_token_in_rank.shape[1], num_threads, is_token_in_rank, send_slot, tokens_per_rank)
+    launch(send_slot_kernel, is_token_in_rank.shape[1], num_threads, is_token_in_rank, send_slot, tokens_per_rank,
+           stream=stream)
