@@ -5,68 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xmoe import reference
 from xmoe.interop import BFLOAT16
+from xmoe.testing.checks import run_and_check
 from xmoe.testing.routing import make_routing
-
-POISON = {np.dtype(np.float32): np.float32(np.nan), BFLOAT16: BFLOAT16.type(np.nan)}
-
-
-def bits(array: np.ndarray) -> np.ndarray:
-    """Compare payloads bit for bit (NaN poison included)."""
-    return array.view(np.uint8)
-
-
-def run_and_check(buffer, group, routing, expert_alignment: int = 1, with_topk: bool = True) -> None:
-    """layout -> dispatch -> combine (weighted) -> cached dispatch, each checked against the reference."""
-    me, ranks = group.rank, group.world_size
-    idx, x = routing.topk_idx[me], routing.x[me]
-    weights = routing.topk_weights[me] if with_topk else None
-    per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, routing.num_experts)
-    want_per_rank, want_per_expert, want_in_rank = reference.dispatch_layout(idx, routing.num_experts, ranks)
-    assert per_rdma is None
-    np.testing.assert_array_equal(per_rank, want_per_rank)
-    np.testing.assert_array_equal(per_expert, want_per_expert)
-    np.testing.assert_array_equal(in_rank, want_in_rank)
-
-    recv_x, recv_idx, recv_w, per_expert_list, handle, event = buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx if with_topk else None, topk_weights=weights, expert_alignment=expert_alignment)
-    event.current_stream_wait()
-    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, routing.num_experts, expert_alignment)
-    mine = want[me]
-    assert recv_x.dtype == x.dtype
-    np.testing.assert_array_equal(bits(recv_x), bits(mine["recv_x"]))
-    if with_topk:
-        np.testing.assert_array_equal(recv_idx, mine["recv_topk_idx"])
-        np.testing.assert_array_equal(recv_w, mine["recv_topk_weights"])
-    else:
-        assert recv_idx is None and recv_w is None
-    assert per_expert_list == mine["num_recv_tokens_per_expert_list"]
-    np.testing.assert_array_equal(handle[0], mine["rank_prefix_matrix"])
-    np.testing.assert_array_equal(handle.recv_src_idx, mine["recv_src_idx"])
-
-    # combine what every rank received, scaled so that each row differs from the input
-    scale = np.float32(1.5)
-    expert_out = [(w["recv_x"].astype(np.float32) * scale).astype(x.dtype) for w in want]
-    combined, combined_w, _ = buffer.combine(expert_out[me], handle, topk_weights=recv_w if with_topk else None)
-    all_in_rank = [reference.dispatch_layout(i, routing.num_experts, ranks)[2] for i in routing.topk_idx]
-    want_w = [w["recv_topk_weights"] for w in want] if with_topk else None
-    want_x, want_cw = reference.combine(expert_out, all_in_rank, want_w)[me]
-    np.testing.assert_array_equal(bits(combined), bits(want_x))
-    if with_topk:
-        np.testing.assert_array_equal(combined_w, want_cw)
-    else:
-        assert combined_w is None
-
-    # cached dispatch: same routing, new payload
-    x2 = (x.astype(np.float32) - 3).astype(x.dtype)
-    recv_x2, none_idx, none_w, cached_list, same_handle, _ = buffer.dispatch(x2, handle=handle)
-    routing_x2 = [(xi.astype(np.float32) - 3).astype(x.dtype) for xi in routing.x]
-    want2 = reference.dispatch(routing_x2, routing.topk_idx, None, routing.num_experts, expert_alignment)[me]
-    np.testing.assert_array_equal(bits(recv_x2), bits(want2["recv_x"]))
-    assert none_idx is None and none_w is None and same_handle is handle
-    assert cached_list == per_expert_list
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BFLOAT16], ids=["float32", "bfloat16"])

@@ -8,6 +8,7 @@ the value of the signals, so the block is reused call after call with no reset.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from xmoe import runtime
 from xmoe.comm import get_heap
-from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT
+from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, transport
 from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
 from xmoe.interop import BFLOAT16, Origin, as_array, on_gpu, to_host, to_origin, xp
@@ -26,6 +27,17 @@ from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
 PAYLOAD_DTYPES = ("float32", "bfloat16")
+#: With ``XMOE_POISON=1`` every output is filled with 0xFF bytes (NaN, -1) before the
+#: kernels run, so that a test sees any element a kernel failed to write.
+POISON = os.environ.get("XMOE_POISON") == "1"
+
+
+def _empty(shape: tuple[int, ...] | int, dtype: Any) -> Any:
+    """An output array of the backend (poisoned under ``XMOE_POISON=1``)."""
+    array = xp().empty(shape, dtype)
+    if POISON:
+        array.view(np.uint8).fill(0xFF)
+    return array
 
 
 class DispatchHandle(NamedTuple):
@@ -232,9 +244,9 @@ class Buffer:
         config = self._config(None)
         plan = self._plan(origin.framework, previous_event, async_finish)
         arrays = xp()
-        tokens_per_rank = arrays.empty(self.num_ranks, np.int32)
-        tokens_per_expert = arrays.empty(num_experts, np.int32)
-        is_token_in_rank = arrays.empty((idx.shape[0], self.num_ranks), np.bool_)
+        tokens_per_rank = _empty(self.num_ranks, np.int32)
+        tokens_per_expert = _empty(num_experts, np.int32)
+        is_token_in_rank = _empty((idx.shape[0], self.num_ranks), np.bool_)
         errors = arrays.zeros(1, np.int32)
         launch_dispatch_layout(idx, num_experts, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors,
                                config.num_threads, plan.pointer)
@@ -305,13 +317,15 @@ class Buffer:
         fields = self._fields(layout, parity, words.dtype, payload.dtype)
         local = fields["local"]
         launch_dispatch_send(
-            config.num_sms, config.num_threads, plan.pointer, words, idx, weights, send_slot, send_counts,
-            expert_counts, fields["x_words"], fields["src_idx"], fields["topk_idx"], fields["topk_weights"],
-            fields["meta"], fields["signals"], self.rank, seq, row_bytes, self._done_counter,
+            transport(config.force_put), config.num_sms, config.num_threads, plan.pointer, words, idx, weights,
+            send_slot, send_counts, expert_counts, fields["x_words"], local["x_words"], fields["src_idx"],
+            local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"], local["topk_weights"],
+            fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
+            self._done_counter,
         )
         arrays = xp()
-        count_matrix = arrays.empty((self.num_ranks, self.num_ranks), np.int32)
-        recv_per_expert = arrays.empty(num_local_experts, np.int32)
+        count_matrix = _empty((self.num_ranks, self.num_ranks), np.int32)
+        recv_per_expert = _empty(num_local_experts, np.int32)
         errors = arrays.zeros(1, np.int32)
         launch_dispatch_wait(
             config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes, idx.shape[1],
@@ -323,10 +337,10 @@ class Buffer:
         np.cumsum(counts[:, self.rank], out=host_offsets[1:])
         recv_offsets = arrays.asarray(host_offsets)
         num_recv = int(host_offsets[-1])
-        recv_x = arrays.empty((num_recv, payload.shape[1]), payload.dtype)
-        recv_src_idx = arrays.empty(num_recv, np.int32)
-        recv_idx = arrays.empty((num_recv, idx.shape[1]), np.int64)
-        recv_weights = arrays.empty((num_recv, idx.shape[1]), np.float32)
+        recv_x = _empty((num_recv, payload.shape[1]), payload.dtype)
+        recv_src_idx = _empty(num_recv, np.int32)
+        recv_idx = _empty((num_recv, idx.shape[1]), np.int64)
+        recv_weights = _empty((num_recv, idx.shape[1]), np.float32)
         launch_dispatch_copy_out(
             config.num_sms, config.num_threads, plan.pointer, local["x_words"], local["src_idx"], local["topk_idx"],
             local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
@@ -363,7 +377,7 @@ class Buffer:
         arrays = xp()
         return (handle.is_token_in_rank, handle.send_slot, handle.num_tokens_per_rank,
                 arrays.zeros(handle.num_local_experts * self.num_ranks, np.int32),
-                arrays.empty((num_tokens, 0), np.int64), arrays.empty((num_tokens, 0), np.float32))
+                _empty((num_tokens, 0), np.int64), _empty((num_tokens, 0), np.float32))
 
     def _new_routing(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                      topk_weights, expert_alignment, config, plan):
@@ -387,7 +401,7 @@ class Buffer:
             idx, origin = as_array(topk_idx, "topk_idx")
             _check_array(idx, origin, "topk_idx", np.int64, (num_tokens, None))
         else:
-            idx = arrays.empty((num_tokens, 0), np.int64)
+            idx = _empty((num_tokens, 0), np.int64)
         if topk_weights is not None:
             if topk_idx is None:
                 raise ValueError("topk_weights: passed without topk_idx")
@@ -395,8 +409,8 @@ class Buffer:
             _check_array(weights, origin, "topk_weights", np.float32, idx.shape)
         else:
             weights = arrays.zeros(idx.shape, np.float32)
-        send_slot = arrays.empty((num_tokens, ranks), np.int32)
-        send_counts = arrays.empty(ranks, np.int32)
+        send_slot = _empty((num_tokens, ranks), np.int32)
+        send_counts = _empty(ranks, np.int32)
         launch_send_slots(in_rank, send_slot, send_counts, config.num_threads, plan.pointer)
         return in_rank, send_slot, send_counts, expert_counts, idx, weights
 
@@ -435,7 +449,7 @@ class Buffer:
             weights, weights_origin = as_array(topk_weights, "topk_weights")
             _check_array(weights, weights_origin, "topk_weights", np.float32, (num_recv, None))
         else:
-            weights = arrays.empty((num_recv, 0), np.float32)
+            weights = _empty((num_recv, 0), np.float32)
         plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = handle.is_token_in_rank.shape[0]
         counts = np.diff(handle.rank_prefix_matrix, axis=0, prepend=0)
@@ -447,12 +461,13 @@ class Buffer:
         fields = self._fields(layout, parity, words.dtype, payload.dtype)
         local = fields["local"]
         launch_combine_send(
-            config.num_sms, config.num_threads, plan.pointer, words, weights, handle.recv_offsets,
-            fields["x_words"], fields["topk_weights"], fields["meta"], fields["signals"], self.rank, seq, row_bytes,
+            transport(config.force_put), config.num_sms, config.num_threads, plan.pointer, words, weights,
+            handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"], local["topk_weights"],
+            fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             handle.num_local_experts, arrays.zeros(0, np.int32), self._done_counter,
         )
-        out = arrays.empty((num_tokens, payload.shape[1]), payload.dtype)
-        out_weights = arrays.empty((num_tokens, weights.shape[1]), np.float32)
+        out = _empty((num_tokens, payload.shape[1]), payload.dtype)
+        out_weights = _empty((num_tokens, weights.shape[1]), np.float32)
         errors = arrays.zeros(1, np.int32)
         launch_combine_reduce(
             payload.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"],

@@ -37,6 +37,7 @@ def toy_expert(recv_x: np.ndarray, recv_topk_idx: np.ndarray, recv_topk_weights:
 def _demo_rank(args: argparse.Namespace) -> int:
     import xmoe
     from xmoe import reference
+    from xmoe.testing.checks import backend_io
     from xmoe.testing.routing import make_routing
 
     group = xmoe.init()
@@ -47,7 +48,8 @@ def _demo_rank(args: argparse.Namespace) -> int:
     routing = make_routing(args.seed, ranks, args.tokens, args.hidden, args.experts, args.topk)
     buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(args.tokens, args.hidden, ranks, args.experts,
                                                               args.topk))
-    x, idx, weights = routing.x[me], routing.topk_idx[me], routing.topk_weights[me]
+    to_device, to_host = backend_io()
+    x, idx, weights = (to_device(a) for a in (routing.x[me], routing.topk_idx[me], routing.topk_weights[me]))
     times = {}
     start = time.perf_counter()
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, args.experts)
@@ -58,10 +60,11 @@ def _demo_rank(args: argparse.Namespace) -> int:
         topk_idx=idx, topk_weights=weights)
     times["dispatch"] = time.perf_counter() - start
     start = time.perf_counter()
-    expert_out = toy_expert(recv_x, recv_idx, recv_w, me, local_experts)
+    expert_out = toy_expert(to_host(recv_x), to_host(recv_idx), to_host(recv_w), me, local_experts)
     times["expert"] = time.perf_counter() - start
     start = time.perf_counter()
-    combined, _, _ = buffer.combine(expert_out, handle)
+    combined, _, _ = buffer.combine(to_device(expert_out), handle)
+    combined = to_host(combined)
     times["combine"] = time.perf_counter() - start
 
     want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, args.experts)
@@ -70,6 +73,7 @@ def _demo_rank(args: argparse.Namespace) -> int:
     all_in_rank = [reference.dispatch_layout(i, args.experts, ranks)[2] for i in routing.topk_idx]
     want_combined, _ = reference.combine(want_out, all_in_rank)[me]
     ok = bool(np.array_equal(combined.view(np.uint16), want_combined.view(np.uint16)))
+    per_rank = to_host(per_rank)
     sent = int(per_rank.sum() - per_rank[me])
     rows = group.allgather((me, x.shape[0], sent, recv_x.shape[0], times, ok))
     buffer.destroy()

@@ -23,11 +23,14 @@ class Config:
         num_threads: threads per block (None: the backend's default), at most 1024.
         timeout_s: how long a rank waits for a peer before raising ``RuntimeError``
             (None: ``XMOE_TIMEOUT_S`` from the environment, else 60 s).
+        force_put: write into peers with NVSHMEM puts even where stores reach them
+            (None: ``XMOE_FORCE_PUT=1`` in the environment); the cuda backend only.
     """
 
     num_sms: int | None = None
     num_threads: int | None = None
     timeout_s: float | None = None
+    force_put: bool | None = None
 
     def resolved(self, backend: str) -> "Config":
         """This config with every None replaced by the default of ``backend``, checked."""
@@ -38,6 +41,7 @@ class Config:
             num_sms=self.num_sms if self.num_sms is not None else defaults["num_sms"],
             num_threads=self.num_threads if self.num_threads is not None else defaults["num_threads"],
             timeout_s=timeout,
+            force_put=self.force_put if self.force_put is not None else os.environ.get("XMOE_FORCE_PUT") == "1",
         )
         if config.num_sms < 1:
             raise ValueError(f"config.num_sms={config.num_sms}: must be >= 1")
@@ -45,4 +49,6 @@ class Config:
             raise ValueError(f"config.num_threads={config.num_threads}: must be in [1, 1024]")
         if not config.timeout_s > 0:
             raise ValueError(f"config.timeout_s={config.timeout_s}: must be > 0")
+        if config.force_put and backend != "cuda":
+            raise ValueError("config.force_put=True: NVSHMEM puts need the cuda backend")
         return config

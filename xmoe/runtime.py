@@ -73,13 +73,14 @@ def select_backend(name: str | None) -> str:
 
 
 def launcher_command(ranks: int, backend: str) -> list[str]:
-    """The command that starts ``ranks`` processes: torchrun on cuda, mpirun on sim.
+    """The command that starts ``ranks`` processes running the command that follows it:
+    torchrun on cuda, mpirun on sim.
 
     mpirun is looked up beside the Python executable first (the ``mpich`` wheel
     installs it there), then on PATH; ``RuntimeError`` when there is none.
     """
     if backend == "cuda":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "--no-python"]
     for name in ("mpiexec", "mpirun"):
         beside = Path(sys.executable).parent / name
         found = str(beside) if beside.exists() else shutil.which(name)

@@ -13,15 +13,18 @@ def get_heap(group: Group) -> SymmetricHeap:
     heap = _heaps.get(id(group))
     if heap is not None:
         return heap
-    if group.backend != "sim":
-        raise RuntimeError("the NVSHMEM heap of the cuda backend is not built yet: use backend='sim'")
-    if group.launcher == "torchrun":
+    if group.backend == "cuda":
+        from xmoe.comm.nvshmem import NvshmemHeap
+
+        heap = NvshmemHeap(group)
+    elif group.launcher == "torchrun":
         raise RuntimeError("the sim backend's heap uses MPI shared memory: launch the ranks with mpirun, not torchrun")
-    from mpi4py import MPI
+    else:
+        from mpi4py import MPI
 
-    from xmoe.comm.simulated import SimulatedHeap
+        from xmoe.comm.simulated import SimulatedHeap
 
-    heap = SimulatedHeap(group.comm if group.launcher == "mpi" else MPI.COMM_SELF)
+        heap = SimulatedHeap(group.comm if group.launcher == "mpi" else MPI.COMM_SELF)
     _heaps[id(group)] = heap
 
     def close() -> None:

@@ -1,12 +1,17 @@
-"""Device functions that kernels call to talk to peers: signals, waits, clocks, fences.
+"""Device functions that kernels call to talk to peers: writes, signals, waits, clocks.
 
-Payload stores are plain indexed stores into peer views (tuples of arrays indexed by
-rank); this module holds what differs between the GPU and Numba's CUDA simulator:
-the clock and the back-off of a bounded spin. Under the simulator a "device function"
-is ordinary Python running in a simulated thread, so the clock is the host's.
+A kernel writes into peers through a :class:`Transport`, chosen when the kernel is
+built: ``STORE`` stores through peer views (tuples of arrays indexed by rank: NVLink
+or the same GPU), ``put_transport()`` issues NVSHMEM puts to the symmetric address of
+the same field (any peer NVSHMEM reaches; forced on one GPU to test it). What differs
+between the GPU and Numba's CUDA simulator is the clock and the back-off of a bounded
+spin: under the simulator a device function is Python in a simulated thread.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -32,15 +37,16 @@ if SIMULATOR:
 else:
     from llvmlite import ir
     from numba.cuda import types
-    from numba.cuda.cgutils import get_or_insert_function
     from numba.cuda.extending import intrinsic
 
     @intrinsic
     def _globaltimer(typingctx):
+        """The GPU's nanosecond timer (PTX ``%globaltimer``)."""
+
         def codegen(context, builder, signature, args):
-            fnty = ir.FunctionType(ir.IntType(64), [])
-            fn = get_or_insert_function(builder.module, fnty, "llvm.nvvm.read.ptx.sreg.globaltimer")
-            return builder.call(fn, [])
+            timer = ir.InlineAsm(ir.FunctionType(ir.IntType(64), []), "mov.u64 $0, %globaltimer;", "=l",
+                                 side_effect=True)
+            return builder.call(timer, [])
 
         return types.uint64(), codegen
 
@@ -92,3 +98,90 @@ def last_block_done(done_counter, flag):
             flag[0] = 1
     cuda.syncthreads()
     return flag[0] == 1
+
+
+class Transport(NamedTuple):
+    """How a kernel writes into peer ``dst``: each function takes the peers' views (a tuple
+    indexed by rank) and this rank's view of the same symmetric field.
+
+    ``write_row(peers, local, dst, rank, slot, row)``: block-wide, ``field[rank, slot, :] = row``.
+    ``write_value(peers, local, dst, rank, slot, j, value)``: one thread, ``field[rank, slot, j] = value``.
+    ``write_meta(peers, local, dst, rank, i, value)``: one thread, ``meta[rank, i] = value``.
+    ``signal(peers, local, dst, rank, value)``: one thread, after all of its writes, ``signals[rank] = value``.
+    ``flush()``: every thread, before its block counts as done.
+    """
+
+    name: str
+    write_row: Any
+    write_value: Any
+    write_meta: Any
+    signal: Any
+    flush: Any
+
+
+@cuda.jit(device=True)
+def _store_row(peers, local, dst, rank, slot, row):
+    out = peers[dst]
+    for w in range(cuda.threadIdx.x, row.shape[0], cuda.blockDim.x):
+        out[rank, slot, w] = row[w]
+
+
+@cuda.jit(device=True)
+def _store_value(peers, local, dst, rank, slot, j, value):
+    peers[dst][rank, slot, j] = value
+
+
+@cuda.jit(device=True)
+def _store_meta(peers, local, dst, rank, i, value):
+    peers[dst][rank, i] = value
+
+
+@cuda.jit(device=True)
+def _store_signal(peers, local, dst, rank, value):
+    raise_signal(peers[dst], rank, value)
+
+
+@cuda.jit(device=True)
+def _fence():
+    cuda.threadfence_system()
+
+
+STORE = Transport("store", _store_row, _store_value, _store_meta, _store_signal, _fence)
+
+
+@lru_cache(maxsize=1)
+def put_transport() -> Transport:
+    """NVSHMEM puts (GPU only): compiled on first use, linked with NVSHMEM's device library."""
+    if SIMULATOR:
+        raise RuntimeError("the NVSHMEM put path needs the cuda backend")
+    from nvshmem.bindings.device.numba import quiet
+    from nvshmem.core.device.numba import atomic_set, p, put_nbi_block
+
+    @cuda.jit(device=True)
+    def put_row(peers, local, dst, rank, slot, row):
+        put_nbi_block(local[rank, slot], row, dst)
+
+    @cuda.jit(device=True)
+    def put_value(peers, local, dst, rank, slot, j, value):
+        p(local[rank, slot, j : j + 1], value, dst)
+
+    @cuda.jit(device=True)
+    def put_meta(peers, local, dst, rank, i, value):
+        p(local[rank, i : i + 1], value, dst)
+
+    @cuda.jit(device=True)
+    def put_signal(peers, local, dst, rank, value):
+        quiet()
+        atomic_set(local[rank : rank + 1], value, dst)
+
+    @cuda.jit(device=True)
+    def quiet_all():
+        quiet()
+        cuda.threadfence_system()
+
+    return Transport("put", put_row, put_value, put_meta, put_signal, quiet_all)
+
+
+def transport(force_put: bool) -> Transport:
+    """The transport for a call: puts when forced (``Config.force_put`` / ``XMOE_FORCE_PUT=1``), else stores."""
+    return put_transport() if force_put else STORE

@@ -10,42 +10,47 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import last_block_done
-from xmoe.kernels.dispatch import publish, source_of_row, wait_for_peers
+from xmoe.comm.device import Transport, last_block_done
+from xmoe.kernels.dispatch import make_publish, source_of_row, wait_for_peers
 from xmoe.kernels.launch import launch
 from xmoe.kernels.numerics import bf16_to_f32, f32_load, f32_store, f32_to_bf16
 
 
-@cuda.jit
-def combine_send_kernel(
-    x, topk_weights, recv_offsets, peer_x, peer_topk_weights, peer_meta, peer_signals,
-    rank, seq, row_bytes, num_local_experts, no_counts, done_counter,
-):
-    tid = cuda.threadIdx.x
-    num_threads = cuda.blockDim.x
-    num_words = x.shape[1]
-    for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
-        src = source_of_row(recv_offsets, row)
-        slot = row - recv_offsets[src]
-        out = peer_x[src]
-        for w in range(tid, num_words, num_threads):
-            out[rank, slot, w] = x[row, w]
-        for j in range(tid, topk_weights.shape[1], num_threads):
-            peer_topk_weights[src][rank, slot, j] = topk_weights[row, j]
-    cuda.threadfence_system()
-    flag = cuda.shared.array(1, np.int32)
-    if last_block_done(done_counter, flag):
-        publish(peer_meta, peer_signals, rank, seq, row_bytes, topk_weights.shape[1], num_local_experts,
-                no_counts, no_counts)
+@lru_cache(maxsize=None)
+def combine_send_kernel(transport: Transport) -> Any:
+    """The send kernel for ``transport`` (built, and compiled, on first use)."""
+    write_row, write_value, flush = transport.write_row, transport.write_value, transport.flush
+    publish = make_publish(transport)
+
+    @cuda.jit(cache=transport.name == "store")
+    def combine_send(
+        x, topk_weights, recv_offsets, peer_x, local_x, peer_topk_weights, local_topk_weights,
+        peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_local_experts, no_counts,
+        done_counter,
+    ):
+        for row in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+            src = source_of_row(recv_offsets, row)
+            slot = row - recv_offsets[src]
+            write_row(peer_x, local_x, src, rank, slot, x[row])
+            for j in range(cuda.threadIdx.x, topk_weights.shape[1], cuda.blockDim.x):
+                write_value(peer_topk_weights, local_topk_weights, src, rank, slot, j, topk_weights[row, j])
+        flush()
+        flag = cuda.shared.array(1, np.int32)
+        if last_block_done(done_counter, flag):
+            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, topk_weights.shape[1],
+                    num_local_experts, no_counts, no_counts)
+
+    return combine_send
 
 
 def _make_reduce_kernel(load: Any, store: Any) -> Any:
-    @cuda.jit
+    @cuda.jit(cache=True)
     def combine_reduce_kernel(
         signals, meta, field_x, field_topk_weights, send_slot, seq, row_bytes, num_local_experts,
         timeout_ns, out, out_topk_weights, errors,
@@ -83,9 +88,9 @@ REDUCE_KERNELS = {
 }
 
 
-def launch_combine_send(blocks: int, threads: int, stream: int, *args) -> None:
+def launch_combine_send(transport: Transport, blocks: int, threads: int, stream: int, *args) -> None:
     """See :func:`combine_send_kernel`; ``x`` is the payload as words ``[rows, words]``."""
-    launch(combine_send_kernel, blocks, threads, *args, stream=stream)
+    launch(combine_send_kernel(transport), blocks, threads, *args, stream=stream)
 
 
 def launch_combine_reduce(element: np.dtype, blocks: int, threads: int, stream: int, *args) -> None:

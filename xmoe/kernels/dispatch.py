@@ -1,8 +1,8 @@
 """Intranode dispatch kernels: send into the peers' symmetric buffers, wait, copy out.
 
 1. ``dispatch_send_kernel``: every token row (payload words, source index, local
-   top-k ids and weights) is stored straight into slot ``send_slot[t, dst]`` of this
-   rank's region in each destination's symmetric buffer. The block that finishes
+   top-k ids and weights) is written straight into slot ``send_slot[t, dst]`` of this
+   rank's region in each destination's symmetric buffer (stores or NVSHMEM puts). The block that finishes
    last writes this rank's meta row into every destination and raises its signal
    (the call's sequence number).
 2. ``dispatch_wait_kernel``: waits, bounded, for every source's signal, checks that
@@ -13,35 +13,39 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import (
-    ERR_MISMATCH,
-    ERR_TIMEOUT,
-    last_block_done,
-    raise_signal,
-    record_error,
-    wait_signal,
-)
+from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, Transport, last_block_done, record_error, wait_signal
 from xmoe.kernels.launch import launch
 from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTES, META_TOPK
 
 
-@cuda.jit(device=True)
-def publish(peer_meta, peer_signals, rank, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts):
-    """Write this rank's meta row into every peer, then raise each peer's signal (one thread per peer)."""
-    num_ranks = len(peer_signals)
-    for dst in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
-        meta = peer_meta[dst]
-        meta[rank, META_ROW_BYTES] = row_bytes
-        meta[rank, META_TOPK] = num_topk
-        meta[rank, META_LOCAL_EXPERTS] = num_local_experts
-        for r in range(rank_counts.shape[0]):
-            meta[rank, META_HEADER + r] = rank_counts[r]
-        for e in range(expert_counts.shape[0] // num_ranks):
-            meta[rank, META_HEADER + num_ranks + e] = expert_counts[dst * (expert_counts.shape[0] // num_ranks) + e]
-        raise_signal(peer_signals[dst], rank, seq)
+def make_publish(transport: Transport) -> Any:
+    """Device function: write this rank's meta row into every peer, then raise each peer's
+    signal (one thread per peer), through ``transport``."""
+    write_meta, signal = transport.write_meta, transport.signal
+
+    @cuda.jit(device=True)
+    def publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
+                num_local_experts, rank_counts, expert_counts):
+        num_ranks = len(peer_signals)
+        experts_per_rank = expert_counts.shape[0] // num_ranks
+        for dst in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
+            write_meta(peer_meta, local_meta, dst, rank, META_ROW_BYTES, np.int32(row_bytes))
+            write_meta(peer_meta, local_meta, dst, rank, META_TOPK, np.int32(num_topk))
+            write_meta(peer_meta, local_meta, dst, rank, META_LOCAL_EXPERTS, np.int32(num_local_experts))
+            for r in range(rank_counts.shape[0]):
+                write_meta(peer_meta, local_meta, dst, rank, META_HEADER + r, np.int32(rank_counts[r]))
+            for e in range(experts_per_rank):
+                write_meta(peer_meta, local_meta, dst, rank, META_HEADER + num_ranks + e,
+                           np.int32(expert_counts[dst * experts_per_rank + e]))
+            signal(peer_signals, local_signals, dst, rank, np.int64(seq))
+
+    return publish
 
 
 @cuda.jit(device=True)
@@ -81,40 +85,46 @@ def source_of_row(recv_offsets, row):
     return src
 
 
-@cuda.jit
-def dispatch_send_kernel(
-    x, topk_idx, topk_weights, send_slot, rank_counts, expert_counts,
-    peer_x, peer_src_idx, peer_topk_idx, peer_topk_weights, peer_meta, peer_signals,
-    rank, seq, row_bytes, done_counter,
-):
-    tid = cuda.threadIdx.x
-    num_threads = cuda.blockDim.x
-    num_ranks = send_slot.shape[1]
-    num_words = x.shape[1]
-    num_topk = topk_idx.shape[1]
-    num_local_experts = expert_counts.shape[0] // num_ranks
-    for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
-        for dst in range(num_ranks):
-            slot = send_slot[t, dst]
-            if slot >= 0:
-                out = peer_x[dst]
-                for w in range(tid, num_words, num_threads):
-                    out[rank, slot, w] = x[t, w]
-                for j in range(tid, num_topk, num_threads):
-                    local = topk_idx[t, j] - dst * num_local_experts
-                    if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
-                        local = -1
-                    peer_topk_idx[dst][rank, slot, j] = local
-                    peer_topk_weights[dst][rank, slot, j] = topk_weights[t, j] if local >= 0 else 0.0
-                if tid == 0:
-                    peer_src_idx[dst][rank, slot] = t
-    cuda.threadfence_system()
-    flag = cuda.shared.array(1, np.int32)
-    if last_block_done(done_counter, flag):
-        publish(peer_meta, peer_signals, rank, seq, row_bytes, num_topk, num_local_experts, rank_counts, expert_counts)
+@lru_cache(maxsize=None)
+def dispatch_send_kernel(transport: Transport) -> Any:
+    """The send kernel for ``transport`` (built, and compiled, on first use)."""
+    write_row, write_value, flush = transport.write_row, transport.write_value, transport.flush
+    publish = make_publish(transport)
+
+    @cuda.jit(cache=transport.name == "store")
+    def dispatch_send(
+        x, topk_idx, topk_weights, send_slot, rank_counts, expert_counts,
+        peer_x, local_x, peer_src_idx, local_src_idx, peer_topk_idx, local_topk_idx,
+        peer_topk_weights, local_topk_weights, peer_meta, local_meta, peer_signals, local_signals,
+        rank, seq, row_bytes, done_counter,
+    ):
+        num_ranks = send_slot.shape[1]
+        num_topk = topk_idx.shape[1]
+        num_local_experts = expert_counts.shape[0] // num_ranks
+        for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+            for dst in range(num_ranks):
+                slot = send_slot[t, dst]
+                if slot >= 0:
+                    write_row(peer_x, local_x, dst, rank, slot, x[t])
+                    for j in range(cuda.threadIdx.x, num_topk, cuda.blockDim.x):
+                        local = topk_idx[t, j] - dst * num_local_experts
+                        if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
+                            local = -1
+                        weight = topk_weights[t, j] if local >= 0 else 0.0
+                        write_value(peer_topk_idx, local_topk_idx, dst, rank, slot, j, np.int32(local))
+                        write_value(peer_topk_weights, local_topk_weights, dst, rank, slot, j, np.float32(weight))
+                    if cuda.threadIdx.x == 0:
+                        write_value(peer_src_idx, local_src_idx, dst, rank, slot, 0, np.int32(t))
+        flush()
+        flag = cuda.shared.array(1, np.int32)
+        if last_block_done(done_counter, flag):
+            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
+                    num_local_experts, rank_counts, expert_counts)
+
+    return dispatch_send
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def dispatch_wait_kernel(
     signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, count_matrix, recv_per_expert, errors
 ):
@@ -132,7 +142,7 @@ def dispatch_wait_kernel(
         recv_per_expert[e] = total
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def dispatch_copy_out_kernel(
     field_x, field_src_idx, field_topk_idx, field_topk_weights, recv_offsets,
     recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
@@ -149,12 +159,12 @@ def dispatch_copy_out_kernel(
             recv_topk_idx[row, j] = field_topk_idx[src, slot, j]
             recv_topk_weights[row, j] = field_topk_weights[src, slot, j]
         if tid == 0:
-            recv_src_idx[row] = field_src_idx[src, slot]
+            recv_src_idx[row] = field_src_idx[src, slot, 0]
 
 
-def launch_dispatch_send(blocks: int, threads: int, stream: int, *args) -> None:
+def launch_dispatch_send(transport: Transport, blocks: int, threads: int, stream: int, *args) -> None:
     """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``."""
-    launch(dispatch_send_kernel, blocks, threads, *args, stream=stream)
+    launch(dispatch_send_kernel(transport), blocks, threads, *args, stream=stream)
 
 
 def launch_dispatch_wait(threads: int, stream: int, *args) -> None:

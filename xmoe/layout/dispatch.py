@@ -20,7 +20,7 @@ MAX_LOCAL_EXPERTS = 1024
 SCAN_THREADS_MAX = 1024
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def dispatch_layout_kernel(topk_idx, num_experts, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors):
     rank = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -55,7 +55,7 @@ def dispatch_layout_kernel(topk_idx, num_experts, tokens_per_rank, tokens_per_ex
         tokens_per_rank[rank] = rank_count[0]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def send_slot_kernel(is_token_in_rank, send_slot, tokens_per_rank):
     """Block ``r``: exclusive scan of column ``r``: each token's slot in rank r's region.
 

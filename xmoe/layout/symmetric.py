@@ -68,7 +68,7 @@ class SymmetricLayout:
         num_topk: top-k entries carried with each token (0: none).
         num_local_experts: experts per rank.
         fields: name -> :class:`Field`; ``signals`` int64 ``[R]``, ``meta`` int32
-            ``[R, meta_length]``, ``src_idx`` int32 ``[R, cap]``, ``topk_idx`` int32
+            ``[R, meta_length]``, ``src_idx`` int32 ``[R, cap, 1]``, ``topk_idx`` int32
             ``[R, cap, k]``, ``topk_weights`` float32 ``[R, cap, k]``, ``x`` uint8
             ``[R, cap, row_stride]``.
         nbytes: bytes one half needs.
@@ -116,7 +116,7 @@ def symmetric_layout(
     specs = [
         ("signals", np.int64, regions),
         ("meta", np.int32, regions + (meta_length(num_ranks, num_local_experts),)),
-        ("src_idx", np.int32, regions + (capacity,)),
+        ("src_idx", np.int32, regions + (capacity, 1)),
         ("topk_idx", np.int32, regions + (capacity, num_topk)),
         ("topk_weights", np.float32, regions + (capacity, num_topk)),
         ("x", np.uint8, regions + (capacity, round_up(row_bytes, ROW_ALIGNMENT))),

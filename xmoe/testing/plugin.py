@@ -61,6 +61,8 @@ def _relaunch(item: pytest.Function, ranks: int) -> None:
         pytest.skip(str(exc))
     with tempfile.TemporaryDirectory(prefix="xmoe-ranks-") as results:
         env = dict(os.environ, **{CHILD_ENV: results, "XMOE_BACKEND": backend})
+        if backend == "cuda" and ranks > runtime.gpu_count():  # PEs share a GPU: NVSHMEM needs MPS shares <= 100%
+            env.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(100 * runtime.gpu_count() // ranks))
         args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                 "--rootdir", str(item.config.rootpath), item.nodeid]
         try:
@@ -69,7 +71,10 @@ def _relaunch(item: pytest.Function, ranks: int) -> None:
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"{ranks} ranks did not finish in {exc.timeout} s:\n{(exc.stdout or '')[-4000:]}", pytrace=False)
         outcomes = [json.loads(p.read_text()) for p in sorted(Path(results).glob("rank-*.json"))]
-    report = f"{' '.join(command)} ... exited {done.returncode}\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    output = done.stdout + done.stderr
+    errors = "\n".join(line for line in output.splitlines() if line.startswith("E ") or "Error:" in line)
+    report = (f"{' '.join(command)} ... exited {done.returncode}\nerror lines of every rank:\n{errors[-6000:]}\n"
+              f"last output:\n{output[-4000:]}")
     if len(outcomes) == ranks and all(o["outcome"] == "skipped" for o in outcomes):
         pytest.skip(outcomes[0]["reason"])
     if done.returncode != 0 or len(outcomes) != ranks or any(o["outcome"] != "passed" for o in outcomes):

@@ -1,0 +1,80 @@
+"""The multi-rank suite on the GPU: several NVSHMEM PEs (one GPU shared, or one GPU each),
+PyTorch and CuPy tensors, DeepEP's test shape, and the NVSHMEM put path forced."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmoe.interop import BFLOAT16
+from xmoe.testing.checks import run_and_check, torch_io
+from xmoe.testing.routing import make_routing
+
+pytestmark = pytest.mark.gpu
+
+
+def cupy_io():
+    import cupy
+
+    return cupy.asarray, lambda array: array.get()
+
+
+IO = {"torch": torch_io, "cupy": cupy_io}
+RANKS = [pytest.param(2, marks=pytest.mark.mpi(ranks=2)), pytest.param(4, marks=pytest.mark.mpi(ranks=4))]
+
+
+@pytest.mark.parametrize("framework, dtype", [("torch", BFLOAT16), ("torch", np.float32), ("cupy", np.float32)],
+                         ids=["torch-bf16", "torch-f32", "cupy-f32"])
+@pytest.mark.parametrize("ranks", RANKS)
+def test_gpu_patterns(group, ranks, framework, dtype):
+    """The CPU suite's routing patterns, on GPU tensors, one Buffer reused by every call."""
+    import xmoe
+
+    to_device, to_host = IO[framework]()
+    num_experts, topk = 8 * ranks, 4
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(512, 257, ranks, num_experts, topk, np.float32))
+    cases = [
+        dict(seed=1, tokens=[300 + 37 * r for r in range(ranks)], pattern="random"),
+        dict(seed=2, tokens=256, pattern="one_rank"),
+        dict(seed=3, tokens=256, pattern="skip_last"),
+        dict(seed=4, tokens=[0] + [200] * (ranks - 1), pattern="random"),
+        dict(seed=5, tokens=512, pattern="random", alignment=128),
+        dict(seed=6, tokens=100, pattern="random", with_topk=False),
+        dict(seed=7, tokens=99, pattern="random", hidden=257),
+    ]
+    for case in cases:
+        routing = make_routing(case["seed"], ranks, case["tokens"], case.get("hidden", 256), num_experts, topk, dtype,
+                               case["pattern"])
+        run_and_check(buffer, group, routing, case.get("alignment", 1), case.get("with_topk", True), to_device, to_host)
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("force_put", [False, True], ids=["store", "put"])
+@pytest.mark.parametrize("ranks", RANKS)
+def test_gpu_deepep_shape(group, ranks, force_put):
+    """DeepEP's test shape: 4096 tokens x 7168 hidden, top-8 of 256 experts, bfloat16."""
+    import xmoe
+
+    to_device, to_host = torch_io()
+    routing = make_routing(11, ranks, 4096, 7168, 256, 8, BFLOAT16, "random", mask_prob=0.05)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(4096, 7168, ranks, 256, 8))
+    run_and_check(buffer, group, routing, 1, True, to_device, to_host, xmoe.Config(force_put=force_put))
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_gpu_missing_rank_raises(group):
+    import torch
+
+    import xmoe
+
+    buffer = xmoe.Buffer(group, 1 << 20)
+    routing = make_routing(0, 2, 64, 32, 4, 2, np.float32)
+    if group.rank == 0:
+        idx = torch.from_numpy(routing.topk_idx[0]).cuda()
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+        with pytest.raises(RuntimeError, match="rank 1 never arrived"):
+            buffer.dispatch(torch.from_numpy(routing.x[0]).cuda(), num_tokens_per_rank=per_rank,
+                            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                            config=xmoe.Config(timeout_s=1.0))
+    buffer.destroy()

@@ -1,0 +1,110 @@
+"""The dispatch/combine round trip the multi-rank tests run on every backend, checked
+against the NumPy reference element by element (payloads bit for bit)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from xmoe import reference
+from xmoe.testing.routing import Routing
+
+
+def _identity(array: Any) -> Any:
+    return array
+
+
+def torch_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
+    """(to_device, to_host) between NumPy (bfloat16 as ml_dtypes) and CUDA PyTorch tensors."""
+    import torch
+
+    from xmoe.interop import BFLOAT16
+    from xmoe.interop import to_host as array_to_host
+
+    def to_device(array: np.ndarray) -> Any:
+        if array.dtype == BFLOAT16:
+            return torch.from_numpy(array.view(np.int16)).cuda().view(torch.bfloat16)
+        return torch.from_numpy(array).cuda()
+
+    def to_host(tensor: Any) -> np.ndarray:
+        if not isinstance(tensor, torch.Tensor):  # a handle's own (CuPy) arrays
+            return array_to_host(tensor)
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).cpu().numpy().view(BFLOAT16)
+        return tensor.cpu().numpy()
+
+    return to_device, to_host
+
+
+def backend_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
+    """NumPy in and out on the simulator; CUDA PyTorch tensors on the GPU."""
+    from xmoe.interop import on_gpu
+
+    return torch_io() if on_gpu() else (_identity, _identity)
+
+
+def bits(array: np.ndarray) -> np.ndarray:
+    """Compare payloads bit for bit (NaN poison included)."""
+    return array.view(np.uint8)
+
+
+def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: int = 1, with_topk: bool = True,
+                  to_device: Callable[[np.ndarray], Any] = _identity, to_host: Callable[[Any], np.ndarray] = _identity,
+                  config: Any = None) -> None:
+    """layout -> dispatch -> combine (weighted) -> cached dispatch, each checked against the reference.
+
+    ``to_device`` turns the NumPy inputs into the tensors to pass (torch, CuPy...),
+    ``to_host`` turns results back into NumPy for the comparison.
+    """
+    me, ranks = group.rank, group.world_size
+    idx, x = routing.topk_idx[me], routing.x[me]
+    weights = routing.topk_weights[me] if with_topk else None
+    per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(to_device(idx), routing.num_experts)
+    want_per_rank, want_per_expert, want_in_rank = reference.dispatch_layout(idx, routing.num_experts, ranks)
+    assert per_rdma is None
+    np.testing.assert_array_equal(to_host(per_rank), want_per_rank)
+    np.testing.assert_array_equal(to_host(per_expert), want_per_expert)
+    np.testing.assert_array_equal(to_host(in_rank), want_in_rank)
+
+    recv_x, recv_idx, recv_w, per_expert_list, handle, event = buffer.dispatch(
+        to_device(x), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=to_device(idx) if with_topk else None, topk_weights=to_device(weights) if with_topk else None,
+        expert_alignment=expert_alignment, config=config)
+    event.current_stream_wait()
+    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, routing.num_experts, expert_alignment)
+    mine = want[me]
+    assert to_host(recv_x).dtype == x.dtype
+    np.testing.assert_array_equal(bits(to_host(recv_x)), bits(mine["recv_x"]))
+    if with_topk:
+        np.testing.assert_array_equal(to_host(recv_idx), mine["recv_topk_idx"])
+        np.testing.assert_array_equal(to_host(recv_w), mine["recv_topk_weights"])
+    else:
+        assert recv_idx is None and recv_w is None
+    assert per_expert_list == mine["num_recv_tokens_per_expert_list"]
+    np.testing.assert_array_equal(handle[0], mine["rank_prefix_matrix"])
+    np.testing.assert_array_equal(to_host(handle.recv_src_idx), mine["recv_src_idx"])
+
+    # combine what every rank received, scaled so that each row differs from the input
+    scale = np.float32(1.5)
+    expert_out = [(w["recv_x"].astype(np.float32) * scale).astype(x.dtype) for w in want]
+    combined, combined_w, _ = buffer.combine(to_device(expert_out[me]), handle,
+                                             topk_weights=recv_w if with_topk else None, config=config)
+    all_in_rank = [reference.dispatch_layout(i, routing.num_experts, ranks)[2] for i in routing.topk_idx]
+    want_w = [w["recv_topk_weights"] for w in want] if with_topk else None
+    want_x, want_cw = reference.combine(expert_out, all_in_rank, want_w)[me]
+    np.testing.assert_array_equal(bits(to_host(combined)), bits(want_x))
+    if with_topk:
+        np.testing.assert_array_equal(to_host(combined_w), want_cw)
+    else:
+        assert combined_w is None
+
+    # cached dispatch: same routing, new payload
+    x2 = (x.astype(np.float32) - 3).astype(x.dtype)
+    recv_x2, none_idx, none_w, cached_list, same_handle, _ = buffer.dispatch(to_device(x2), handle=handle,
+                                                                             config=config)
+    routing_x2 = [(xi.astype(np.float32) - 3).astype(x.dtype) for xi in routing.x]
+    want2 = reference.dispatch(routing_x2, routing.topk_idx, None, routing.num_experts, expert_alignment)[me]
+    np.testing.assert_array_equal(bits(to_host(recv_x2)), bits(want2["recv_x"]))
+    assert none_idx is None and none_w is None and same_handle is handle
+    assert cached_list == per_expert_list
