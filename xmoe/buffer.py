@@ -21,7 +21,7 @@ from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
 from xmoe.interop import BFLOAT16, Origin, as_array, on_gpu, to_host, to_origin, xp
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
-from xmoe.kernels.launch import kernel_arg
+from xmoe.kernels.launch import static_arg
 from xmoe.kernels.dispatch import launch_dispatch_copy_out, launch_dispatch_send, launch_dispatch_wait
 from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
@@ -171,16 +171,16 @@ class Buffer:
 
     def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype, element: np.dtype) -> dict[str, Any]:
         """Peer tuples and local views of half ``parity``; the payload as words and as elements,
-        converted once to what the kernels take."""
+        packed once for the kernels."""
         key = (id(layout), parity, np.dtype(word).itemsize, np.dtype(element).num)
         fields = self._views.get(key)
         if fields is None:
             peers = [layout.views(block, parity) for block in self._block.peers]
-            fields = {name: kernel_arg(tuple(p[name] for p in peers)) for name in layout.fields}
-            fields["x_words"] = kernel_arg(tuple(p["x"].view(word) for p in peers))
-            fields["local"] = {name: kernel_arg(view) for name, view in peers[self.rank].items()}
-            fields["local"]["x_words"] = fields["x_words"][self.rank]
-            fields["local"]["x_elements"] = kernel_arg(peers[self.rank]["x"].view(element))
+            fields = {name: static_arg(tuple(p[name] for p in peers)) for name in layout.fields}
+            fields["x_words"] = static_arg(tuple(p["x"].view(word) for p in peers))
+            local = dict(peers[self.rank], x_words=peers[self.rank]["x"].view(word),
+                         x_elements=peers[self.rank]["x"].view(element))
+            fields["local"] = {name: static_arg(view) for name, view in local.items()}
             self._views[key] = fields
         return fields
 

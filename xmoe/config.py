@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 #: Defaults per backend. The simulator runs every thread as a Python thread, so it
 #: gets small launches; the GPU defaults are tuned in the GPU backend.
 _DEFAULTS = {
     "sim": {"num_sms": 2, "num_threads": 32},
-    "cuda": {"num_sms": 64, "num_threads": 256},
+    "cuda": {"num_sms": 264, "num_threads": 512},
 }
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -34,21 +35,26 @@ class Config:
 
     def resolved(self, backend: str) -> "Config":
         """This config with every None replaced by the default of ``backend``, checked."""
-        defaults = _DEFAULTS[backend]
-        timeout = self.timeout_s if self.timeout_s is not None else float(os.environ.get("XMOE_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-        config = replace(
-            self,
-            num_sms=self.num_sms if self.num_sms is not None else defaults["num_sms"],
-            num_threads=self.num_threads if self.num_threads is not None else defaults["num_threads"],
-            timeout_s=timeout,
-            force_put=self.force_put if self.force_put is not None else os.environ.get("XMOE_FORCE_PUT") == "1",
-        )
-        if config.num_sms < 1:
-            raise ValueError(f"config.num_sms={config.num_sms}: must be >= 1")
-        if not 1 <= config.num_threads <= 1024:
-            raise ValueError(f"config.num_threads={config.num_threads}: must be in [1, 1024]")
-        if not config.timeout_s > 0:
-            raise ValueError(f"config.timeout_s={config.timeout_s}: must be > 0")
-        if config.force_put and backend != "cuda":
-            raise ValueError("config.force_put=True: NVSHMEM puts need the cuda backend")
-        return config
+        return _resolve(self, backend, os.environ.get("XMOE_TIMEOUT_S"), os.environ.get("XMOE_FORCE_PUT"))
+
+
+@lru_cache(maxsize=64)
+def _resolve(config: Config, backend: str, env_timeout: str | None, env_force_put: str | None) -> Config:
+    """``Config.resolved``, once per config, backend and environment (it is on every call's path)."""
+    defaults = _DEFAULTS[backend]
+    resolved = replace(
+        config,
+        num_sms=config.num_sms if config.num_sms is not None else defaults["num_sms"],
+        num_threads=config.num_threads if config.num_threads is not None else defaults["num_threads"],
+        timeout_s=config.timeout_s if config.timeout_s is not None else float(env_timeout or DEFAULT_TIMEOUT_S),
+        force_put=config.force_put if config.force_put is not None else env_force_put == "1",
+    )
+    if resolved.num_sms < 1:
+        raise ValueError(f"config.num_sms={resolved.num_sms}: must be >= 1")
+    if not 1 <= resolved.num_threads <= 1024:
+        raise ValueError(f"config.num_threads={resolved.num_threads}: must be in [1, 1024]")
+    if not resolved.timeout_s > 0:
+        raise ValueError(f"config.timeout_s={resolved.timeout_s}: must be > 0")
+    if resolved.force_put and backend != "cuda":
+        raise ValueError("config.force_put=True: NVSHMEM puts need the cuda backend")
+    return resolved

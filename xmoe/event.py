@@ -9,17 +9,26 @@ On the simulator every call has finished when it returns.
 
 from __future__ import annotations
 
+import time
+from functools import lru_cache
 from typing import Any
+
+
+@lru_cache(maxsize=64)
+def _external_stream(pointer: int) -> Any:
+    import cupy
+
+    return cupy.cuda.ExternalStream(pointer)
 
 
 def current_stream(framework: str) -> Any:
     """The caller's current CUDA stream as a CuPy stream (PyTorch's for PyTorch tensors)."""
-    import cupy
-
     if framework == "torch":
         import torch
 
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        return _external_stream(torch.cuda.current_stream().cuda_stream)
+    import cupy
+
     return cupy.cuda.get_current_stream()
 
 
@@ -61,12 +70,17 @@ def check_previous_event(previous_event: Any) -> None:
 class StreamPlan:
     """Where one call's kernels go, and the event that marks their end.
 
+    ``StreamPlan.waited_s`` adds up the host time every call spent blocked on the GPU (a
+    benchmark subtracts it from wall time to get the host overhead of a call).
+
     Args:
         framework: the framework of the call's tensors.
         comm_stream: the Buffer's communication stream (used with ``async_finish``).
         previous_event: an :class:`EventOverlap` the work must wait for, or None.
         async_finish: run on ``comm_stream`` instead of the caller's stream.
     """
+
+    waited_s = 0.0
 
     def __init__(self, framework: str, comm_stream: Any, previous_event: EventOverlap | None, async_finish: bool):
         self.framework = framework
@@ -82,7 +96,9 @@ class StreamPlan:
         return self.stream.ptr
 
     def synchronize(self) -> None:
+        start = time.perf_counter()
         self.stream.synchronize()
+        StreamPlan.waited_s += time.perf_counter() - start
 
     def finish(self) -> EventOverlap:
         return EventOverlap(self.stream.record(), self.framework)

@@ -34,6 +34,11 @@ if SIMULATOR:
     def backoff() -> None:
         time.sleep(20e-6)  # let the other simulated threads and ranks run
 
+    def load_signal(signals, peer):
+        # A plain load: the simulator's atomics are read-modify-writes that are atomic only
+        # within one process, and would write a stale value over a peer's signal.
+        return signals[peer]
+
 else:
     from llvmlite import ir
     from numba.cuda import types
@@ -58,12 +63,16 @@ else:
     def backoff():
         cuda.nanosleep(64)
 
+    @cuda.jit(device=True, inline=True)
+    def load_signal(signals, peer):
+        return cuda.atomic.add(signals, peer, 0)  # an atomic read, never cached
+
 
 @cuda.jit(device=True)
 def wait_signal(signals, peer, expected, timeout_ns):
     """Spin until ``signals[peer] == expected``; False after ``timeout_ns``."""
     start = now_ns()
-    while cuda.atomic.add(signals, peer, 0) != expected:
+    while load_signal(signals, peer) != expected:
         if now_ns() - start > timeout_ns:
             return False
         backoff()
@@ -120,10 +129,29 @@ class Transport(NamedTuple):
 
 
 @cuda.jit(device=True)
+def copy_row(target, row):
+    """Block-wide ``target[:n] = row`` for ``n = row.shape[0]`` words, four loads in flight per thread."""
+    step = cuda.blockDim.x
+    w = cuda.threadIdx.x
+    n = row.shape[0]
+    while w + 3 * step < n:
+        a = row[w]
+        b = row[w + step]
+        c = row[w + 2 * step]
+        d = row[w + 3 * step]
+        target[w] = a
+        target[w + step] = b
+        target[w + 2 * step] = c
+        target[w + 3 * step] = d
+        w += 4 * step
+    while w < n:
+        target[w] = row[w]
+        w += step
+
+
+@cuda.jit(device=True)
 def _store_row(peers, local, dst, rank, slot, row):
-    out = peers[dst]
-    for w in range(cuda.threadIdx.x, row.shape[0], cuda.blockDim.x):
-        out[rank, slot, w] = row[w]
+    copy_row(peers[dst][rank, slot], row)
 
 
 @cuda.jit(device=True)

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, Transport, last_block_done, record_error, wait_signal
+from xmoe.comm.device import (
+    ERR_MISMATCH,
+    ERR_TIMEOUT,
+    Transport,
+    copy_row,
+    last_block_done,
+    record_error,
+    wait_signal,
+)
 from xmoe.kernels.launch import launch
 from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTES, META_TOPK
 
@@ -153,8 +161,7 @@ def dispatch_copy_out_kernel(
     for row in range(cuda.blockIdx.x, recv_x.shape[0], cuda.gridDim.x):
         src = source_of_row(recv_offsets, row)
         slot = row - recv_offsets[src]
-        for w in range(tid, num_words, num_threads):
-            recv_x[row, w] = field_x[src, slot, w]
+        copy_row(recv_x[row], field_x[src, slot, :num_words])
         for j in range(tid, recv_topk_idx.shape[1], num_threads):
             recv_topk_idx[row, j] = field_topk_idx[src, slot, j]
             recv_topk_weights[row, j] = field_topk_weights[src, slot, j]

@@ -1,14 +1,20 @@
 """The launch path shared by every Numba kernel of xmoe.
 
-Under Numba's CUDA simulator a NumPy argument is copied in and written back after the
-kernel, which would hide stores into shared memory from the other ranks while a
-kernel runs; wrapping it as a simulated device array passes it by reference, as a
-device pointer is on the GPU. On the GPU, CuPy arrays become Numba device arrays
-(zero-copy) and kernels go on the stream they are given.
+Simulator: a NumPy argument is copied in and written back after the kernel, which would
+hide stores into shared memory from the other ranks while a kernel runs; wrapping it as
+a simulated device array passes it by reference, as a device pointer is on the GPU.
+
+GPU: Numba's dispatcher costs 35-120 us of host time per launch (it types and converts
+every argument). A kernel is compiled through it once per argument signature; later
+launches pack the arguments straight into Numba's kernel ABI (an array is meminfo,
+parent, size, itemsize, data pointer, shape, strides; a tuple is its elements in order)
+and go to the driver through ``cuda.core``. Arguments that never change (the peers'
+views of a symmetric buffer) are packed once, as a :class:`StaticArg`.
 """
 
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
 from typing import Any
 
@@ -20,11 +26,15 @@ from xmoe.comm.device import SIMULATOR
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 else:
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as driver_launch
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
 
 def kernel_arg(value: Any) -> Any:
-    """``value`` as a kernel receives it: arrays by reference, tuples element-wise."""
+    """``value`` as Numba's dispatcher takes it: arrays by reference, tuples element-wise."""
+    if isinstance(value, StaticArg):
+        return value.converted
     if isinstance(value, tuple):
         return tuple(kernel_arg(v) for v in value)
     if SIMULATOR:
@@ -34,16 +44,66 @@ def kernel_arg(value: Any) -> Any:
     return value
 
 
+def _pack(value: Any, params: list) -> Any:
+    """Append ``value`` in Numba's kernel ABI to ``params``; return its signature: what decides
+    the compiled kernel (dtype and rank of arrays, tuple structure). Arrays reach the kernels
+    C-contiguous (``as_array`` and fresh outputs), so their layout is not part of it."""
+    if type(value) is StaticArg:
+        params.extend(value.params)
+        return value.signature
+    if isinstance(value, tuple):
+        return tuple(_pack(item, params) for item in value)
+    if isinstance(value, (int, np.integer)):
+        params.append(ctypes.c_int64(int(value)))
+        return "i"
+    # a CuPy array: meminfo, parent, size, itemsize, data, shape, strides
+    params.extend((0, 0, value.size, value.itemsize, value.data.ptr, *value.shape, *value.strides))
+    return (value.dtype.char, value.ndim)
+
+
+class StaticArg:
+    """An argument packed once (GPU) for every launch that passes it (e.g. a tuple of peer views)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.converted = kernel_arg(value)
+        self.params: list = []
+        self.signature = None if SIMULATOR else _pack(value, self.params)
+
+
+def static_arg(value: Any) -> Any:
+    """``value`` packed once where that saves work (GPU); as is on the simulator."""
+    return value if SIMULATOR else StaticArg(value)
+
+
 @lru_cache(maxsize=64)
 def numba_stream(pointer: int) -> Any:
     """Numba's handle on the CUDA stream at ``pointer`` (0: the legacy default stream)."""
     return cuda.external_stream(pointer) if pointer else cuda.default_stream()
 
 
+@lru_cache(maxsize=256)
+def _config(blocks: int, threads: int) -> Any:
+    return LaunchConfig(grid=blocks, block=threads, shmem_size=0)
+
+
+_compiled: dict[tuple, Any] = {}
+
+
 def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0) -> None:
     """Launch ``kernel`` on ``blocks`` x ``threads`` with ``args`` by reference, on ``stream`` (a pointer)."""
-    converted = [kernel_arg(a) for a in args]
+    blocks, threads = max(int(blocks), 1), int(threads)
     if SIMULATOR:
-        kernel[max(int(blocks), 1), int(threads)](*converted)
-    else:
-        kernel[max(int(blocks), 1), int(threads), numba_stream(stream)](*converted)
+        kernel[blocks, threads](*(kernel_arg(a) for a in args))
+        return
+    params: list = []
+    key = (kernel, tuple([_pack(arg, params) for arg in args]))
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        driver_launch(numba_stream(stream), _config(blocks, threads), compiled, *params)
+        return
+    # first launch of this signature: Numba compiles (or loads from its disk cache) and launches
+    converted = [kernel_arg(a) for a in args]
+    kernel[blocks, threads, numba_stream(stream)](*converted)
+    signature = tuple(kernel.typeof_pyval(a) for a in converted)
+    _compiled[key] = kernel.overloads[signature]._codelibrary.get_cufunc().kernel

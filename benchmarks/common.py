@@ -1,0 +1,86 @@
+"""What every benchmark shares: timing with CUDA events, the device name, the JSON and PNG."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_ms(fn: Callable[[], Any], iterations: int, warmup: int = 3) -> float:
+    """Median over ``iterations`` of ``fn``'s time between CUDA events on the current stream, in ms."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def device_name(num_gpus: int) -> str:
+    import torch
+
+    return f"{num_gpus}x {torch.cuda.get_device_name(0)}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(benchmark: str, device: str, mode: str, rows: list[dict[str, Any]], out_dir: Path,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write ``<benchmark>-<slug>.json`` (DESIGN.md section 5) and a PNG of its rows beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{benchmark}-{slug(device.replace('NVIDIA', ''))}-{slug(mode)}"
+    record = {"benchmark": benchmark, "device": device, "mode": mode,
+              "date": datetime.date.today().isoformat(), "commit": commit(), "rows": rows, **(extra or {})}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1))
+    plot(record, out_dir / f"{name}.png")
+    return path
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """One panel per metric: xmoe against the baseline, by case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({row["metric"] for row in record["rows"]})
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(10, 3.2 * len(metrics)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        rows = [row for row in record["rows"] if row["metric"] == metric]
+        cases = [row["case"] for row in rows]
+        positions = range(len(rows))
+        ax.bar([p - 0.2 for p in positions], [row["xmoe"] for row in rows], 0.4, label="xmoe")
+        ax.bar([p + 0.2 for p in positions], [row["baseline"] or 0 for row in rows], 0.4,
+               label=rows[0]["baseline_name"] or "baseline")
+        ax.set_xticks(list(positions), cases, rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel(f"{metric} ({rows[0]['unit']})")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{record['benchmark']}: {record['device']}, {record['mode']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

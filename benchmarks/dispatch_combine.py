@@ -1,0 +1,174 @@
+"""Dispatch/combine bandwidth against a device copy (one GPU) or NCCL all-to-all (several GPUs).
+
+Run on the GPU machine, one process per PE:
+    torchrun --nproc_per_node=N benchmarks/dispatch_combine.py [--tokens 128,...,4096] [--out DIR]
+
+Each rank routes its tokens to top-8 of 256 experts (hidden 7168, bfloat16). Times are the
+median of CUDA-event timings; a call's time is that of the slowest rank. Bandwidth counts
+the bytes that cross ranks (rows sent to another rank: payload, top-k ids and weights),
+read plus written, as a copy of them moves them: ``2 * bytes / time``. The baseline moves
+the same bytes in the same run: with one GPU a device-to-device copy by one process, with
+one GPU per PE ``torch.distributed.all_to_all_single`` over NCCL. Host overhead is the
+median wall time of a call minus the time it spent blocked on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, device_name, median_ms, write_results  # noqa: E402
+
+
+def host_overhead_us(fn, iterations: int) -> float:
+    """Median host time of a call not spent blocked on the GPU, in microseconds."""
+    import torch
+
+    from xmoe.event import StreamPlan
+
+    overheads = []
+    for _ in range(iterations):
+        torch.cuda.synchronize()
+        waited = StreamPlan.waited_s
+        wall = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - wall
+        overheads.append((wall - (StreamPlan.waited_s - waited)) * 1e6)
+    return float(np.median(overheads))
+
+
+def mps_running() -> bool:
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe, "control"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="128,256,512,1024,2048,4096")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import torch
+    import torch.distributed as dist
+
+    import xmoe
+    from xmoe.comm import get_heap
+
+    start_up = time.perf_counter()
+    group = xmoe.init("cuda")
+    torch.cuda.set_device(group.device)
+    me, ranks = group.rank, group.world_size
+    num_gpus = min(torch.cuda.device_count(), ranks)
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(max(tokens_list), args.hidden, ranks, args.experts,
+                                                              args.topk))
+    nvshmem_init_s = get_heap(group).init_seconds
+    nccl = dist.new_group(backend="nccl") if num_gpus == ranks and ranks > 1 else None
+    generator = torch.Generator(device="cuda").manual_seed(1234 + me)
+
+    def routing(num_tokens: int):
+        scores = torch.rand(num_tokens, args.experts, device="cuda", generator=generator)
+        idx = scores.topk(args.topk, dim=1).indices.to(torch.int64)
+        weights = torch.rand(num_tokens, args.topk, device="cuda", generator=generator)
+        x = torch.randn(num_tokens, args.hidden, device="cuda", generator=generator).to(torch.bfloat16)
+        return x, idx, weights
+
+    def round_trip(x, idx, weights):
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, args.experts)
+        recv = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                               num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
+        buffer.combine(recv[0], recv[4], topk_weights=recv[2])
+        return per_rank, in_rank, per_expert, recv
+
+    first = time.perf_counter()
+    round_trip(*routing(64))
+    torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - first
+    start_up_s = time.perf_counter() - start_up
+
+    rows, table = [], []
+    row_bytes = args.hidden * 2 + args.topk * 8 + 4
+    for num_tokens in tokens_list:
+        x, idx, weights = routing(num_tokens)
+        per_rank, in_rank, per_expert, recv = round_trip(x, idx, weights)
+        recv_x, recv_w, handle = recv[0], recv[2], recv[4]
+
+        def dispatch():
+            buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
+
+        def cached():
+            buffer.dispatch(x, handle=handle)
+
+        def combine():
+            buffer.combine(recv_x, handle, topk_weights=recv_w)
+
+        mine = {name: median_ms(fn, args.iters) for name, fn in
+                (("dispatch", dispatch), ("cached dispatch", cached), ("combine", combine))}
+        host = {name: host_overhead_us(fn, args.iters) for name, fn in
+                (("dispatch", dispatch), ("cached dispatch", cached), ("combine", combine))}
+        sent = per_rank.cpu().numpy()
+        crossing = int(sent.sum() - sent[me]) * row_bytes
+        gathered = group.allgather((mine, host, crossing))
+        total_bytes = sum(g[2] for g in gathered)
+        slowest = {name: max(g[0][name] for g in gathered) for name in mine}
+        host_us = {name: float(np.median([g[1][name] for g in gathered])) for name in host}
+
+        group.barrier()
+        if nccl is not None:
+            per_peer = max(total_bytes // ranks // ranks, 1)
+            send = torch.empty(per_peer * ranks, dtype=torch.uint8, device="cuda")
+            receive = torch.empty_like(send)
+            baseline_ms = median_ms(lambda: dist.all_to_all_single(receive, send, group=nccl), args.iters)
+            baseline_ms = max(group.allgather(baseline_ms))
+            baseline_name = "NCCL all_to_all_single (read+write)"
+        else:
+            baseline_ms = None
+            if me == 0:
+                source = torch.empty(total_bytes, dtype=torch.uint8, device="cuda")
+                target = torch.empty_like(source)
+                baseline_ms = median_ms(lambda: target.copy_(source), args.iters)
+            baseline_ms = group.broadcast(baseline_ms)
+            baseline_name = "device copy (read+write)"
+        group.barrier()
+
+        baseline_gbs = 2 * total_bytes / baseline_ms / 1e6
+        for name in mine:
+            gbs = 2 * total_bytes / slowest[name] / 1e6
+            case = f"{name} tokens={num_tokens}"
+            rows.append({"case": case, "metric": "aggregate bandwidth", "unit": "GB/s", "higher_is_better": True,
+                         "xmoe": round(gbs, 1), "baseline": round(baseline_gbs, 1), "baseline_name": baseline_name})
+            rows.append({"case": case, "metric": "time", "unit": "us", "higher_is_better": False,
+                         "xmoe": round(slowest[name] * 1e3, 1), "baseline": round(baseline_ms * 1e3, 1),
+                         "baseline_name": baseline_name})
+            rows.append({"case": case, "metric": "host overhead", "unit": "us", "higher_is_better": False,
+                         "xmoe": round(host_us[name], 1), "baseline": None, "baseline_name": None})
+            table.append((case, slowest[name] * 1e3, gbs, baseline_gbs, gbs / baseline_gbs, host_us[name]))
+
+    if me == 0:
+        mode = f"{num_gpus}gpu-{ranks}pe" + ("-mps" if mps_running() else "")
+        print(f"dispatch/combine: {device_name(num_gpus)}, {mode}, hidden {args.hidden}, top-{args.topk} of "
+              f"{args.experts} experts, bf16; start-up {start_up_s:.2f} s (NVSHMEM init {nvshmem_init_s:.2f} s, "
+              f"first round trip {first_call_s:.2f} s)")
+        print(f"{'case':<28} {'time us':>9} {'GB/s':>8} {'baseline':>9} {'ratio':>6} {'host us':>8}")
+        for case, t_us, gbs, base, ratio, host in table:
+            print(f"{case:<28} {t_us:>9.1f} {gbs:>8.1f} {base:>9.1f} {ratio:>6.2f} {host:>8.1f}")
+        path = write_results("dispatch_combine", device_name(num_gpus), mode, rows, args.out,
+                             {"start_up_s": round(start_up_s, 3), "nvshmem_init_s": round(nvshmem_init_s, 3),
+                              "first_round_trip_s": round(first_call_s, 3)})
+        print(f"wrote {path}")
+    buffer.destroy()
+
+
+if __name__ == "__main__":
+    main()
