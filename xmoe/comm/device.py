@@ -34,10 +34,10 @@ if SIMULATOR:
     def backoff() -> None:
         time.sleep(20e-6)  # let the other simulated threads and ranks run
 
-    def load_signal(signals, peer):
+    def load_fresh(array, index):
         # A plain load: the simulator's atomics are read-modify-writes that are atomic only
-        # within one process, and would write a stale value over a peer's signal.
-        return signals[peer]
+        # within one process, and would write a stale value over a peer's write.
+        return array[index]
 
 else:
     from llvmlite import ir
@@ -64,15 +64,17 @@ else:
         cuda.nanosleep(64)
 
     @cuda.jit(device=True, inline=True)
-    def load_signal(signals, peer):
-        return cuda.atomic.add(signals, peer, 0)  # an atomic read, never cached
+    def load_fresh(array, index):
+        # An atomic read goes to L2: a plain load may hit a line this SM cached before a
+        # peer's write landed (meta rows of several peers share a line).
+        return cuda.atomic.add(array, index, 0)
 
 
 @cuda.jit(device=True)
 def wait_signal(signals, peer, expected, timeout_ns):
     """Spin until ``signals[peer] == expected``; False after ``timeout_ns``."""
     start = now_ns()
-    while load_signal(signals, peer) != expected:
+    while load_fresh(signals, peer) != expected:
         if now_ns() - start > timeout_ns:
             return False
         backoff()

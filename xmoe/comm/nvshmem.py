@@ -9,6 +9,7 @@ into the peer's memory, for every peer reachable over NVLink or the same GPU.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -92,6 +93,8 @@ class NvshmemHeap:
         device = Device(device_id)
         device.set_current()
         cupy.cuda.Device(device_id).use()
+        if "torch" in sys.modules:  # PyTorch users' tensors default to this rank's GPU too
+            sys.modules["torch"].cuda.set_device(device_id)
         uid = nvshmem.get_unique_id(empty=group.rank != 0)
         uid_bytes = group.broadcast(uid._data.view(np.int8).tobytes() if group.rank == 0 else None)
         uid._data.view(np.int8)[:] = np.frombuffer(uid_bytes, np.int8)

@@ -25,6 +25,7 @@ from xmoe.comm.device import (
     Transport,
     copy_row,
     last_block_done,
+    load_fresh,
     record_error,
     wait_signal,
 )
@@ -72,9 +73,9 @@ def wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, t
             if not wait_signal(signals, src, seq, timeout_ns):
                 record_error(errors, ERR_TIMEOUT + src)
             elif (
-                meta[src, META_ROW_BYTES] != row_bytes
-                or meta[src, META_TOPK] != num_topk
-                or meta[src, META_LOCAL_EXPERTS] != num_local_experts
+                load_fresh(meta, (src, META_ROW_BYTES)) != row_bytes
+                or load_fresh(meta, (src, META_TOPK)) != num_topk
+                or load_fresh(meta, (src, META_LOCAL_EXPERTS)) != num_local_experts
             ):
                 record_error(errors, ERR_MISMATCH + src)
     cuda.syncthreads()
@@ -142,11 +143,11 @@ def dispatch_wait_kernel(
     num_ranks = signals.shape[0]
     for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
         for r in range(num_ranks):
-            count_matrix[src, r] = meta[src, META_HEADER + r]
+            count_matrix[src, r] = load_fresh(meta, (src, META_HEADER + r))
     for e in range(cuda.threadIdx.x, recv_per_expert.shape[0], cuda.blockDim.x):
         total = 0
         for src in range(num_ranks):
-            total += meta[src, META_HEADER + num_ranks + e]
+            total += load_fresh(meta, (src, META_HEADER + num_ranks + e))
         recv_per_expert[e] = total
 
 
