@@ -19,7 +19,7 @@ from xmoe.comm import get_heap
 from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, transport
 from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import BFLOAT16, Origin, as_array, on_gpu, to_host, to_origin, xp
+from xmoe.interop import BFLOAT16, Origin, as_array, new_output, on_gpu, to_host, xp
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
 from xmoe.kernels.launch import static_arg
 from xmoe.kernels.dispatch import launch_dispatch_copy_out, launch_dispatch_send, launch_dispatch_wait
@@ -32,12 +32,21 @@ PAYLOAD_DTYPES = ("float32", "bfloat16")
 POISON = os.environ.get("XMOE_POISON") == "1"
 
 
-def _empty(shape: tuple[int, ...] | int, dtype: Any) -> Any:
-    """An output array of the backend (poisoned under ``XMOE_POISON=1``)."""
-    array = xp().empty(shape, dtype)
+def _poisoned(array: Any) -> Any:
     if POISON:
         array.view(np.uint8).fill(0xFF)
     return array
+
+
+def _empty(shape: tuple[int, ...] | int, dtype: Any) -> Any:
+    """A working array of the backend (poisoned under ``XMOE_POISON=1``)."""
+    return _poisoned(xp().empty(shape, dtype))
+
+
+def _output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False) -> tuple[Any, Any]:
+    """A result for the caller: ``(array the kernels write, function returning the caller's tensor)``."""
+    array, finish = new_output(shape, dtype, origin, bfloat16)
+    return _poisoned(array), finish
 
 
 class DispatchHandle(NamedTuple):
@@ -244,9 +253,9 @@ class Buffer:
         config = self._config(None)
         plan = self._plan(origin.framework, previous_event, async_finish)
         arrays = xp()
-        tokens_per_rank = _empty(self.num_ranks, np.int32)
-        tokens_per_expert = _empty(num_experts, np.int32)
-        is_token_in_rank = _empty((idx.shape[0], self.num_ranks), np.bool_)
+        tokens_per_rank, per_rank_out = _output(self.num_ranks, np.int32, origin)
+        tokens_per_expert, per_expert_out = _output(num_experts, np.int32, origin)
+        is_token_in_rank, in_rank_out = _output((idx.shape[0], self.num_ranks), np.bool_, origin)
         errors = arrays.zeros(1, np.int32)
         launch_dispatch_layout(idx, num_experts, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors,
                                config.num_threads, plan.pointer)
@@ -256,8 +265,7 @@ class Buffer:
             t, j = divmod(code - 1, idx.shape[1])
             raise ValueError(f"topk_idx[{t}, {j}]={int(to_host(idx[t, j]))}: expert ids must be -1 or in "
                              f"[0, {num_experts})")
-        return (to_origin(tokens_per_rank, origin), None, to_origin(tokens_per_expert, origin),
-                to_origin(is_token_in_rank, origin), plan.finish())
+        return per_rank_out(), None, per_expert_out(), in_rank_out(), plan.finish()
 
     # -------------------------------------------------------------- dispatch
     def dispatch(
@@ -337,10 +345,11 @@ class Buffer:
         np.cumsum(counts[:, self.rank], out=host_offsets[1:])
         recv_offsets = arrays.asarray(host_offsets)
         num_recv = int(host_offsets[-1])
-        recv_x = _empty((num_recv, payload.shape[1]), payload.dtype)
+        bf16 = origin.dtype == "bfloat16"
+        recv_x, recv_x_out = _output((num_recv, payload.shape[1]), payload.dtype, origin, bf16)
         recv_src_idx = _empty(num_recv, np.int32)
-        recv_idx = _empty((num_recv, idx.shape[1]), np.int64)
-        recv_weights = _empty((num_recv, idx.shape[1]), np.float32)
+        recv_idx, recv_idx_out = _output((num_recv, idx.shape[1]), np.int64, origin)
+        recv_weights, recv_weights_out = _output((num_recv, idx.shape[1]), np.float32, origin)
         launch_dispatch_copy_out(
             config.num_sms, config.num_threads, plan.pointer, local["x_words"], local["src_idx"], local["topk_idx"],
             local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
@@ -351,11 +360,10 @@ class Buffer:
             handle = DispatchHandle(np.cumsum(counts, axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                                     send_counts, recv_offsets, per_expert, num_local_experts)
         has_topk = topk_idx is not None
-        bf16 = origin.dtype == "bfloat16"
         return (
-            to_origin(recv_x, origin, bf16),
-            to_origin(recv_idx, origin) if has_topk else None,
-            to_origin(recv_weights, origin) if has_topk and topk_weights is not None else None,
+            recv_x_out(),
+            recv_idx_out() if has_topk else None,
+            recv_weights_out() if has_topk and topk_weights is not None else None,
             list(handle.num_recv_tokens_per_expert_list),
             handle,
             plan.finish(),
@@ -466,8 +474,8 @@ class Buffer:
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             handle.num_local_experts, arrays.zeros(0, np.int32), self._done_counter,
         )
-        out = _empty((num_tokens, payload.shape[1]), payload.dtype)
-        out_weights = _empty((num_tokens, weights.shape[1]), np.float32)
+        out, out_finish = _output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16")
+        out_weights, out_weights_finish = _output((num_tokens, weights.shape[1]), np.float32, origin)
         errors = arrays.zeros(1, np.int32)
         launch_combine_reduce(
             payload.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"],
@@ -475,8 +483,7 @@ class Buffer:
             int(config.timeout_s * 1e9), out, out_weights, errors,
         )
         self._check_errors(errors, plan, "combine", config.timeout_s)
-        return (to_origin(out, origin, origin.dtype == "bfloat16"),
-                to_origin(out_weights, origin) if topk_weights is not None else None, plan.finish())
+        return out_finish(), out_weights_finish() if topk_weights is not None else None, plan.finish()
 
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:

@@ -58,6 +58,33 @@ def framework_of(value: Any) -> str:
                      "pass a NumPy, PyTorch, JAX or CuPy array")
 
 
+@lru_cache(maxsize=1)
+def _torch_dtypes() -> dict[Any, np.dtype]:
+    """PyTorch dtype -> the NumPy dtype of its storage here (bfloat16 as uint16 bits)."""
+    import torch
+
+    return {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+            torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16),
+            torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int16: np.dtype(np.int16),
+            torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_)}
+
+
+def _cupy_view(tensor: Any, dtype: np.dtype) -> Any:
+    """A CuPy array over a contiguous CUDA tensor's memory, keeping the tensor alive.
+
+    Cheaper than DLPack (no capsule, no stream hand-shake): the kernels run on the
+    tensor's own current stream anyway.
+    """
+    import cupy
+
+    shape = tuple(tensor.shape)
+    if tensor.numel() == 0:
+        return cupy.empty(shape, dtype)
+    memory = cupy.cuda.UnownedMemory(tensor.data_ptr(), tensor.numel() * tensor.element_size(), tensor,
+                                     tensor.device.index)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+
 def _from_torch(value: Any, name: str) -> tuple[Any, str]:
     import torch
 
@@ -66,6 +93,9 @@ def _from_torch(value: Any, name: str) -> tuple[Any, str]:
         where = "a CUDA tensor to the CPU simulation backend" if value.is_cuda else "a CPU tensor to the cuda backend"
         raise ValueError(f"{name}: {where}")
     dtype = str(value.dtype).removeprefix("torch.")
+    storage = _torch_dtypes().get(value.dtype)
+    if on_gpu() and storage is not None:
+        return _cupy_view(value.contiguous(), storage), dtype
     if value.dtype == torch.bfloat16:
         value = value.view(torch.int16)
     value = value.contiguous()
@@ -133,3 +163,20 @@ def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
             return jax.lax.bitcast_convert_type(result, jnp.bfloat16) if bfloat16 else result
         return jnp.asarray(array.view(BFLOAT16) if bfloat16 else array)
     raise ValueError(f"cannot return an array to {framework}")
+
+
+def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False) -> tuple[Any, Any]:
+    """A fresh output: ``(array the kernels write, function returning it as the caller's type)``.
+
+    For CUDA PyTorch callers the memory comes from PyTorch's allocator, so the result is
+    a plain tensor with no conversion afterwards; ``bfloat16``: ``dtype`` is uint16 bits.
+    """
+    if origin.framework == "torch" and on_gpu():
+        import torch
+
+        torch_dtype = torch.bfloat16 if bfloat16 else next(t for t, d in _torch_dtypes().items()
+                                                            if d == np.dtype(dtype) and t != torch.bfloat16)
+        tensor = torch.empty(shape, dtype=torch_dtype, device="cuda")
+        return _cupy_view(tensor, np.dtype(dtype)), lambda: tensor
+    array = xp().empty(shape, dtype)
+    return array, lambda: to_origin(array, origin, bfloat16)
