@@ -44,7 +44,7 @@ def main() -> None:
     profiler.disable()
     if group.rank == 0:
         stats = pstats.Stats(profiler)
-        stats.sort_stats("tottime").print_stats(args.top)
+        stats.sort_stats("cumulative").print_stats(args.top)
     buffer.destroy()
 
 

@@ -22,7 +22,12 @@ from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
 from xmoe.interop import BFLOAT16, Origin, as_array, new_output, on_gpu, to_host, xp
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
 from xmoe.kernels.launch import static_arg
-from xmoe.kernels.dispatch import launch_dispatch_copy_out, launch_dispatch_send, launch_dispatch_wait
+from xmoe.kernels.dispatch import (
+    launch_dispatch_copy_out,
+    launch_dispatch_send,
+    launch_dispatch_wait,
+    wait_info_length,
+)
 from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
@@ -207,9 +212,8 @@ class Buffer:
         self._seq += 1
         return self._seq, self._seq % 2
 
-    def _check_errors(self, errors: Any, plan: StreamPlan | HostPlan, what: str, timeout_s: float) -> None:
-        plan.synchronize()
-        code = int(to_host(errors)[0])
+    def _check_errors(self, code: int, what: str, timeout_s: float) -> None:
+        """Raise, and retire this Buffer, when a kernel's error ``code`` is not 0."""
         if code == 0:
             return
         if code >= ERR_MISMATCH:
@@ -331,20 +335,19 @@ class Buffer:
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             self._done_counter,
         )
-        arrays = xp()
-        count_matrix = _empty((self.num_ranks, self.num_ranks), np.int32)
-        recv_per_expert = _empty(num_local_experts, np.int32)
-        errors = arrays.zeros(1, np.int32)
+        ranks = self.num_ranks
+        info = _empty(wait_info_length(ranks, num_local_experts), np.int32)
         launch_dispatch_wait(
-            config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes, idx.shape[1],
-            num_local_experts, int(config.timeout_s * 1e9), count_matrix, recv_per_expert, errors,
+            config.num_threads, plan.pointer, local["signals"], local["meta"], self.rank, seq, row_bytes, idx.shape[1],
+            int(config.timeout_s * 1e9), info,
         )
-        self._check_errors(errors, plan, "dispatch", config.timeout_s)
-        counts = to_host(count_matrix)
-        host_offsets = np.zeros(self.num_ranks + 1, np.int32)
-        np.cumsum(counts[:, self.rank], out=host_offsets[1:])
-        recv_offsets = arrays.asarray(host_offsets)
-        num_recv = int(host_offsets[-1])
+        plan.synchronize()
+        host_info = to_host(info)
+        self._check_errors(int(host_info[0]), "dispatch", config.timeout_s)
+        counts = host_info[1 : 1 + ranks * ranks].reshape(ranks, ranks)
+        recv_per_expert = host_info[1 + ranks * ranks : 1 + ranks * ranks + num_local_experts]
+        recv_offsets = info[-(ranks + 1):]
+        num_recv = int(host_info[-1])
         bf16 = origin.dtype == "bfloat16"
         recv_x, recv_x_out = _output((num_recv, payload.shape[1]), payload.dtype, origin, bf16)
         recv_src_idx = _empty(num_recv, np.int32)
@@ -356,7 +359,7 @@ class Buffer:
         )
         if handle is None:
             alignment = int(expert_alignment)
-            per_expert = [int(-(-int(c) // alignment) * alignment) for c in to_host(recv_per_expert)]
+            per_expert = [int(-(-int(c) // alignment) * alignment) for c in recv_per_expert]
             handle = DispatchHandle(np.cumsum(counts, axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                                     send_counts, recv_offsets, per_expert, num_local_experts)
         has_topk = topk_idx is not None
@@ -482,7 +485,8 @@ class Buffer:
             local["x_elements"], local["topk_weights"], handle.send_slot, seq, row_bytes, handle.num_local_experts,
             int(config.timeout_s * 1e9), out, out_weights, errors,
         )
-        self._check_errors(errors, plan, "combine", config.timeout_s)
+        plan.synchronize()
+        self._check_errors(int(to_host(errors)[0]), "combine", config.timeout_s)
         return out_finish(), out_weights_finish() if topk_weights is not None else None, plan.finish()
 
     # ------------------------------------------------------------- lifetime

@@ -134,21 +134,42 @@ def dispatch_send_kernel(transport: Transport) -> Any:
 
 
 @cuda.jit(cache=True)
-def dispatch_wait_kernel(
-    signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, count_matrix, recv_per_expert, errors
-):
+def dispatch_wait_kernel(signals, meta, rank, seq, row_bytes, num_topk, timeout_ns, info):
+    """One block. ``info`` (int32, read back by the host in one copy) receives, in order: the
+    error code, the count matrix ``[ranks, ranks]`` (row = source), the received tokens per
+    local expert, and the first received row of each source ``[ranks + 1]``."""
+    num_ranks = signals.shape[0]
+    num_local_experts = info.shape[0] - 2 - num_ranks * num_ranks - num_ranks
+    errors = info[0:1]
+    if cuda.threadIdx.x == 0:
+        errors[0] = 0
+    cuda.syncthreads()
     flag = cuda.shared.array(1, np.int32)
     if not wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
         return
-    num_ranks = signals.shape[0]
+    counts = 1
+    per_expert = counts + num_ranks * num_ranks
+    offsets = per_expert + num_local_experts
     for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
         for r in range(num_ranks):
-            count_matrix[src, r] = load_fresh(meta, (src, META_HEADER + r))
-    for e in range(cuda.threadIdx.x, recv_per_expert.shape[0], cuda.blockDim.x):
+            info[counts + src * num_ranks + r] = load_fresh(meta, (src, META_HEADER + r))
+    for e in range(cuda.threadIdx.x, num_local_experts, cuda.blockDim.x):
         total = 0
         for src in range(num_ranks):
             total += load_fresh(meta, (src, META_HEADER + num_ranks + e))
-        recv_per_expert[e] = total
+        info[per_expert + e] = total
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        running = 0
+        for src in range(num_ranks):
+            info[offsets + src] = running
+            running += info[counts + src * num_ranks + rank]
+        info[offsets + num_ranks] = running
+
+
+def wait_info_length(num_ranks: int, num_local_experts: int) -> int:
+    """Length of the ``info`` array of :func:`dispatch_wait_kernel`."""
+    return 1 + num_ranks * num_ranks + num_local_experts + num_ranks + 1
 
 
 @cuda.jit(cache=True)
