@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xmoe.interop import BFLOAT16
-from xmoe.testing.checks import run_and_check
+from xmoe.testing.checks import run_and_check, run_standard_cases
 from xmoe.testing.routing import make_routing
 
 
@@ -20,21 +20,8 @@ def test_dispatch_combine_patterns(group, ranks, dtype):
     import xmoe
 
     num_experts, hidden, topk = 4 * ranks, 40, 3
-    nbytes = xmoe.Buffer.get_nvl_size_hint(48, 41, ranks, num_experts, topk, np.float32)
-    buffer = xmoe.Buffer(group, nbytes)
-    cases = [
-        dict(seed=1, tokens=[17 + 9 * r for r in range(ranks)], pattern="random"),
-        dict(seed=2, tokens=24, pattern="one_rank"),
-        dict(seed=3, tokens=24, pattern="skip_last"),
-        dict(seed=4, tokens=[0] + [20] * (ranks - 1), pattern="random"),
-        dict(seed=5, tokens=48, pattern="random", alignment=8),
-        dict(seed=6, tokens=30, pattern="random", with_topk=False),
-        dict(seed=7, tokens=25, pattern="random", hidden=41),
-    ]
-    for case in cases:
-        routing = make_routing(case["seed"], ranks, case["tokens"], case.get("hidden", hidden), num_experts, topk,
-                               dtype, case["pattern"])
-        run_and_check(buffer, group, routing, case.get("alignment", 1), case.get("with_topk", True))
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(48, hidden + 1, ranks, num_experts, topk, np.float32))
+    run_standard_cases(buffer, group, 48, hidden, num_experts, topk, dtype, alignment=8)
     buffer.destroy()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from xmoe.interop import BFLOAT16
-from xmoe.testing.checks import run_and_check, torch_io
+from xmoe.testing.checks import run_and_check, run_standard_cases, torch_io
 from xmoe.testing.routing import make_routing
 
 pytestmark = pytest.mark.gpu
@@ -33,19 +33,7 @@ def test_gpu_patterns(group, ranks, framework, dtype):
     to_device, to_host = IO[framework]()
     num_experts, topk = 8 * ranks, 4
     buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(512, 257, ranks, num_experts, topk, np.float32))
-    cases = [
-        dict(seed=1, tokens=[300 + 37 * r for r in range(ranks)], pattern="random"),
-        dict(seed=2, tokens=256, pattern="one_rank"),
-        dict(seed=3, tokens=256, pattern="skip_last"),
-        dict(seed=4, tokens=[0] + [200] * (ranks - 1), pattern="random"),
-        dict(seed=5, tokens=512, pattern="random", alignment=128),
-        dict(seed=6, tokens=100, pattern="random", with_topk=False),
-        dict(seed=7, tokens=99, pattern="random", hidden=257),
-    ]
-    for case in cases:
-        routing = make_routing(case["seed"], ranks, case["tokens"], case.get("hidden", 256), num_experts, topk, dtype,
-                               case["pattern"])
-        run_and_check(buffer, group, routing, case.get("alignment", 1), case.get("with_topk", True), to_device, to_host)
+    run_standard_cases(buffer, group, 512, 256, num_experts, topk, dtype, 128, to_device, to_host)
     buffer.destroy()
 
 

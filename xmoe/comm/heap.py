@@ -56,6 +56,26 @@ class SymmetricHeap(Protocol):
         """Free every array still allocated and release the heap."""
 
 
+class PeerViews:
+    """What both heaps' arrays share: this rank's block and the peers' views, from ``_peers``."""
+
+    _peers: tuple[Any, ...]
+    _rank: int
+
+    @property
+    def local(self) -> Any:
+        return self._peers[self._rank]
+
+    @property
+    def peers(self) -> tuple[Any, ...]:
+        return self._peers
+
+    def peer(self, rank: int) -> Any:
+        if not 0 <= rank < len(self._peers):
+            raise ValueError(f"rank={rank}: expected 0 <= rank < {len(self._peers)}")
+        return self._peers[rank]
+
+
 def typed_view(block: np.ndarray, offset: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A typed view of ``block`` (uint8) starting ``offset`` bytes in."""
     dtype = np.dtype(dtype)

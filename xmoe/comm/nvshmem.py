@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from xmoe.comm.heap import check_same_size
+from xmoe.comm.heap import PeerViews, check_same_size
 from xmoe.runtime import Group
 
 INSTALL_HINT = "install the GPU extra: pip install 'xmoe[cu12]' (CUDA 12) or 'xmoe[cu13]' (CUDA 13)"
@@ -30,11 +30,12 @@ def _import_nvshmem() -> tuple[Any, Any]:
     return nvshmem, cupy
 
 
-class NvshmemArray:
+class NvshmemArray(PeerViews):
     """A symmetric byte array on the NVSHMEM heap and its peers' views."""
 
     def __init__(self, heap: "NvshmemHeap", array: Any) -> None:
         self._heap = heap
+        self._rank = heap.rank
         self._array = array
         self.nbytes = int(array.shape[0])
         peers = []
@@ -45,19 +46,6 @@ class NvshmemArray:
                                    "(internode peers need the put path, not built yet)")
             peers.append(view)
         self._peers = tuple(peers)
-
-    @property
-    def local(self) -> Any:
-        return self._array
-
-    @property
-    def peers(self) -> tuple[Any, ...]:
-        return self._peers
-
-    def peer(self, rank: int) -> Any:
-        if not 0 <= rank < self._heap.world_size:
-            raise ValueError(f"rank={rank}: expected 0 <= rank < {self._heap.world_size}")
-        return self._peers[rank]
 
     def free(self) -> None:
         if self._array is None:

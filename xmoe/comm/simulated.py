@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from xmoe.comm.heap import check_same_size
+from xmoe.comm.heap import PeerViews, check_same_size
 
 
-class SimulatedArray:
+class SimulatedArray(PeerViews):
     """A symmetric array backed by one MPI shared-memory window."""
 
     def __init__(self, heap: "SimulatedHeap", window, nbytes: int) -> None:
         self._heap = heap
+        self._rank = heap.rank
         self._window = window
         self.nbytes = nbytes
         views = []
@@ -24,19 +25,6 @@ class SimulatedArray:
             buf, _ = window.Shared_query(r)
             views.append(np.ndarray(buffer=buf, dtype=np.uint8, shape=(nbytes,)))
         self._peers = tuple(views)
-
-    @property
-    def local(self) -> np.ndarray:
-        return self._peers[self._heap.rank]
-
-    @property
-    def peers(self) -> tuple[np.ndarray, ...]:
-        return self._peers
-
-    def peer(self, rank: int) -> np.ndarray:
-        if not 0 <= rank < self._heap.world_size:
-            raise ValueError(f"rank={rank}: expected 0 <= rank < {self._heap.world_size}")
-        return self._peers[rank]
 
     def free(self) -> None:
         if self._window is None:

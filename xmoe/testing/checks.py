@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from xmoe import reference
-from xmoe.testing.routing import Routing
+from xmoe.testing.routing import Routing, make_routing, standard_cases
 
 
 def _identity(array: Any) -> Any:
@@ -108,3 +108,13 @@ def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: i
     np.testing.assert_array_equal(bits(to_host(recv_x2)), bits(want2["recv_x"]))
     assert none_idx is None and none_w is None and same_handle is handle
     assert cached_list == per_expert_list
+
+
+def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_experts: int, num_topk: int,
+                       dtype: Any, alignment: int, to_device: Callable[[np.ndarray], Any] = _identity,
+                       to_host: Callable[[Any], np.ndarray] = _identity) -> None:
+    """:func:`run_and_check` on every case of :func:`standard_cases`, one Buffer for all."""
+    for case in standard_cases(group.world_size, tokens, hidden, alignment):
+        routing = make_routing(case["seed"], group.world_size, case["tokens"], case["hidden"], num_experts, num_topk,
+                               dtype, case["pattern"])
+        run_and_check(buffer, group, routing, case["alignment"], case["with_topk"], to_device, to_host)
