@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -41,6 +42,9 @@ def slug(text: str) -> str:
 
 
 def commit() -> str:
+    """The commit measured: ``XMOE_COMMIT`` (the device machine's copy has no git history), else git's HEAD."""
+    if os.environ.get("XMOE_COMMIT"):
+        return os.environ["XMOE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
