@@ -66,3 +66,29 @@ def test_gpu_missing_rank_raises(group):
                             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                             config=xmoe.Config(timeout_s=1.0))
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_gpu_async_finish_and_previous_event(group):
+    """async_finish runs on the Buffer's stream; the caller's stream waits on the returned events."""
+    import xmoe
+    from xmoe import reference
+
+    to_device, to_host = torch_io()
+    routing = make_routing(21, 2, 300, 128, 16, 4, BFLOAT16)
+    me = group.rank
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(300, 128, 2, 16, 4))
+    idx, x, weights = (to_device(a[me]) for a in (routing.topk_idx, routing.x, routing.topk_weights))
+    per_rank, _, per_expert, in_rank, layout_event = buffer.get_dispatch_layout(idx, 16, async_finish=True)
+    recv_x, _, recv_w, _, handle, event = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+        topk_weights=weights, previous_event=layout_event, async_finish=True)
+    event.current_stream_wait()
+    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, 16)
+    np.testing.assert_array_equal(to_host(recv_x).view(np.uint16), want[me]["recv_x"].view(np.uint16))
+    combined, _, combine_event = buffer.combine(recv_x, handle, previous_event=event, async_finish=True)
+    combine_event.current_stream_wait()
+    in_ranks = [reference.dispatch_layout(i, 16, 2)[2] for i in routing.topk_idx]
+    want_x, _ = reference.combine([w["recv_x"] for w in want], in_ranks)[me]
+    np.testing.assert_array_equal(to_host(combined).view(np.uint16), want_x.view(np.uint16))
+    buffer.destroy()

@@ -57,6 +57,9 @@ def _output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: 
 class DispatchHandle(NamedTuple):
     """What combine and a cached dispatch need from a dispatch (``handle[0]`` as in DeepEP).
 
+    ``rank_prefix_matrix`` is a host NumPy array; the other arrays live with the kernels
+    (NumPy on the simulator, CuPy on the GPU).
+
     Attributes:
         rank_prefix_matrix: int32 ``[ranks, ranks]``, ``[i][j]`` = tokens sent to rank j by ranks 0..i.
         recv_src_idx: int32 ``[num_recv]``, the source token index of every received row.
@@ -69,11 +72,11 @@ class DispatchHandle(NamedTuple):
     """
 
     rank_prefix_matrix: np.ndarray
-    recv_src_idx: np.ndarray
-    is_token_in_rank: np.ndarray
-    send_slot: np.ndarray
-    num_tokens_per_rank: np.ndarray
-    recv_offsets: np.ndarray
+    recv_src_idx: Any
+    is_token_in_rank: Any
+    send_slot: Any
+    num_tokens_per_rank: Any
+    recv_offsets: Any
     num_recv_tokens_per_expert_list: list[int]
     num_local_experts: int
 
