@@ -77,6 +77,7 @@ def _demo_rank(args: argparse.Namespace) -> int:
     sent = int(per_rank.sum() - per_rank[me])
     rows = group.allgather((me, x.shape[0], sent, recv_x.shape[0], times, ok))
     buffer.destroy()
+    matched = all(row[-1] for row in rows)
     if me == 0:
         print(f"xmoe demo: backend={group.backend} ranks={ranks} tokens={args.tokens} hidden={args.hidden} "
               f"experts={args.experts} top-{args.topk} bf16")
@@ -84,9 +85,8 @@ def _demo_rank(args: argparse.Namespace) -> int:
         print(header)
         for rank, tokens, sent_r, recv, t, _ in rows:
             print(f"{rank:>4} {tokens:>6} {sent_r:>6} {recv:>6} " + " ".join(f"{v * 1e3:>12.1f}" for v in t.values()))
-        matched = all(row[-1] for row in rows)
         print("result matches the NumPy reference on every rank" if matched else "MISMATCH against the reference")
-    return 0 if all(row[-1] for row in rows) else 1
+    return 0 if matched else 1
 
 
 def demo(args: argparse.Namespace) -> int:

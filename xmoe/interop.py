@@ -69,6 +69,14 @@ def _torch_dtypes() -> dict[Any, np.dtype]:
             torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_)}
 
 
+@lru_cache(maxsize=1)
+def _storage_to_torch() -> dict[np.dtype, Any]:
+    """The inverse of :func:`_torch_dtypes` for every dtype but bfloat16's uint16 bits."""
+    import torch
+
+    return {storage: dtype for dtype, storage in _torch_dtypes().items() if dtype != torch.bfloat16}
+
+
 def _cupy_view(tensor: Any, dtype: np.dtype) -> Any:
     """A CuPy array over a contiguous CUDA tensor's memory, keeping the tensor alive.
 
@@ -174,8 +182,7 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat1
     if origin.framework == "torch" and on_gpu():
         import torch
 
-        torch_dtype = torch.bfloat16 if bfloat16 else next(t for t, d in _torch_dtypes().items()
-                                                            if d == np.dtype(dtype) and t != torch.bfloat16)
+        torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[np.dtype(dtype)]
         tensor = torch.empty(shape, dtype=torch_dtype, device="cuda")
         return _cupy_view(tensor, np.dtype(dtype)), lambda: tensor
     array = xp().empty(shape, dtype)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-import numpy as np
 
 
 def check_same_size(nbytes: int, sizes: Sequence[int]) -> None:
@@ -74,10 +73,3 @@ class PeerViews:
         if not 0 <= rank < len(self._peers):
             raise ValueError(f"rank={rank}: expected 0 <= rank < {len(self._peers)}")
         return self._peers[rank]
-
-
-def typed_view(block: np.ndarray, offset: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A typed view of ``block`` (uint8) starting ``offset`` bytes in."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return block[offset : offset + nbytes].view(dtype).reshape(shape)
