@@ -5,6 +5,8 @@ Public API::
     group = xmoe.init()                       # mpirun, torchrun or a single process
     buffer = xmoe.Buffer(group, num_nvl_bytes)
     buffer.get_dispatch_layout(...); buffer.dispatch(...); buffer.combine(...)
+    topk_idx, topk_weights, counts = xmoe.router(x, w_router, k)     # expert compute:
+    y = xmoe.grouped_gemm(a, w, offs, epilogue="swiglu")              # no init() needed
 
 Importing xmoe does not import Numba: the backend (CUDA or the CPU simulator) is fixed
 by ``xmoe.init()``, and the kernels load on first use.
@@ -21,15 +23,27 @@ from xmoe.runtime import Group, finalize, get_group, init, is_initialized
 __version__ = "0.1.0"
 
 _LAZY = {"Buffer": "xmoe.buffer", "DispatchHandle": "xmoe.buffer"}
+#: Expert compute: no process group needed, only the backend (the default one unless
+#: ``init()`` or ``XMOE_BACKEND`` chose it).
+_LAZY_COMPUTE = {"grouped_gemm": "xmoe.kernels.gemm", "GemmConfig": "xmoe.kernels.gemm",
+                 "router": "xmoe.kernels.router", "router_logits": "xmoe.kernels.router",
+                 "select_experts": "xmoe.kernels.router"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    if name in _LAZY or name in _LAZY_COMPUTE:
         import importlib
 
-        get_group()  # the kernels need the backend that init() fixes
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        from xmoe.runtime import ensure_backend
+
+        if name in _LAZY:
+            get_group()  # the kernels need the backend that init() fixes
+        else:
+            ensure_backend()
+        module = _LAZY.get(name) or _LAZY_COMPUTE[name]
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'xmoe' has no attribute {name!r}")
 
 
-__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "Group", "finalize", "get_group", "init", "is_initialized"]
+__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "finalize", "get_group",
+           "grouped_gemm", "init", "is_initialized", "router", "router_logits", "select_experts"]

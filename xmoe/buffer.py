@@ -8,7 +8,6 @@ the value of the signals, so the block is reused call after call with no reset.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -19,7 +18,7 @@ from xmoe.comm import get_heap
 from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, transport
 from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import BFLOAT16, Origin, as_array, new_output, on_gpu, to_host, xp
+from xmoe.interop import BFLOAT16, Origin, as_array, new_output, on_gpu, poisoned, to_host, xp
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
 from xmoe.kernels.launch import static_arg
 from xmoe.kernels.dispatch import (
@@ -32,26 +31,11 @@ from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
 PAYLOAD_DTYPES = ("float32", "bfloat16")
-#: With ``XMOE_POISON=1`` every output is filled with 0xFF bytes (NaN, -1) before the
-#: kernels run, so that a test sees any element a kernel failed to write.
-POISON = os.environ.get("XMOE_POISON") == "1"
-
-
-def _poisoned(array: Any) -> Any:
-    if POISON:
-        array.view(np.uint8).fill(0xFF)
-    return array
 
 
 def _empty(shape: tuple[int, ...] | int, dtype: Any) -> Any:
     """A working array of the backend (poisoned under ``XMOE_POISON=1``)."""
-    return _poisoned(xp().empty(shape, dtype))
-
-
-def _output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False) -> tuple[Any, Any]:
-    """A result for the caller: ``(array the kernels write, function returning the caller's tensor)``."""
-    array, finish = new_output(shape, dtype, origin, bfloat16)
-    return _poisoned(array), finish
+    return poisoned(xp().empty(shape, dtype))
 
 
 class DispatchHandle(NamedTuple):
@@ -260,9 +244,9 @@ class Buffer:
         config = self._config(None)
         plan = self._plan(origin.framework, previous_event, async_finish)
         arrays = xp()
-        tokens_per_rank, per_rank_out = _output(self.num_ranks, np.int32, origin)
-        tokens_per_expert, per_expert_out = _output(num_experts, np.int32, origin)
-        is_token_in_rank, in_rank_out = _output((idx.shape[0], self.num_ranks), np.bool_, origin)
+        tokens_per_rank, per_rank_out = new_output(self.num_ranks, np.int32, origin)
+        tokens_per_expert, per_expert_out = new_output(num_experts, np.int32, origin)
+        is_token_in_rank, in_rank_out = new_output((idx.shape[0], self.num_ranks), np.bool_, origin)
         errors = arrays.zeros(1, np.int32)
         launch_dispatch_layout(idx, num_experts, tokens_per_rank, tokens_per_expert, is_token_in_rank, errors,
                                config.num_threads, plan.pointer)
@@ -352,10 +336,10 @@ class Buffer:
         recv_offsets = info[-(ranks + 1):]
         num_recv = int(host_info[-1])
         bf16 = origin.dtype == "bfloat16"
-        recv_x, recv_x_out = _output((num_recv, payload.shape[1]), payload.dtype, origin, bf16)
+        recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin, bf16)
         recv_src_idx = _empty(num_recv, np.int32)
-        recv_idx, recv_idx_out = _output((num_recv, idx.shape[1]), np.int64, origin)
-        recv_weights, recv_weights_out = _output((num_recv, idx.shape[1]), np.float32, origin)
+        recv_idx, recv_idx_out = new_output((num_recv, idx.shape[1]), np.int64, origin)
+        recv_weights, recv_weights_out = new_output((num_recv, idx.shape[1]), np.float32, origin)
         launch_dispatch_copy_out(
             config.num_sms, config.num_threads, plan.pointer, local["x_words"], local["src_idx"], local["topk_idx"],
             local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
@@ -480,8 +464,8 @@ class Buffer:
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             handle.num_local_experts, arrays.zeros(0, np.int32), self._done_counter,
         )
-        out, out_finish = _output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16")
-        out_weights, out_weights_finish = _output((num_tokens, weights.shape[1]), np.float32, origin)
+        out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16")
+        out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin)
         errors = arrays.zeros(1, np.int32)
         launch_combine_reduce(
             payload.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"],

@@ -8,6 +8,7 @@ its 16-bit pattern (uint16) and the :class:`Origin` remembers that it was bfloat
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -173,17 +174,26 @@ def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
     raise ValueError(f"cannot return an array to {framework}")
 
 
+def poisoned(array: Any) -> Any:
+    """``array`` filled with 0xFF bytes (NaN, -1) under ``XMOE_POISON=1``, so that a test sees
+    any element a kernel failed to write; untouched otherwise."""
+    if os.environ.get("XMOE_POISON") == "1":
+        array.view(np.uint8).fill(0xFF)
+    return array
+
+
 def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False) -> tuple[Any, Any]:
     """A fresh output: ``(array the kernels write, function returning it as the caller's type)``.
 
     For CUDA PyTorch callers the memory comes from PyTorch's allocator, so the result is
     a plain tensor with no conversion afterwards; ``bfloat16``: ``dtype`` is uint16 bits.
+    Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`).
     """
     if origin.framework == "torch" and on_gpu():
         import torch
 
         torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[np.dtype(dtype)]
         tensor = torch.empty(shape, dtype=torch_dtype, device="cuda")
-        return _cupy_view(tensor, np.dtype(dtype)), lambda: tensor
-    array = xp().empty(shape, dtype)
+        return poisoned(_cupy_view(tensor, np.dtype(dtype))), lambda: tensor
+    array = poisoned(xp().empty(shape, dtype))
     return array, lambda: to_origin(array, origin, bfloat16)

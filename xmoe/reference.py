@@ -137,3 +137,99 @@ def combine(
                 acc_w[sent] += recv_topk_weights[r][rows].astype(np.float32)
         results.append((round_to(acc, recv_xs[0].dtype), acc_w))
     return results
+
+
+def grouped_gemm(
+    a: np.ndarray,
+    w: np.ndarray,
+    offs: np.ndarray,
+    epilogue: str = "none",
+    row_weights: np.ndarray | None = None,
+    w_layout: str = "nk",
+) -> np.ndarray:
+    """``out[rows of g] = epilogue(a[rows of g] @ w[g]^T)`` in fp32 (not rounded).
+
+    Args:
+        a: ``[M, K]``; rows ``offs[g-1]:offs[g]`` belong to group g (``offs[-1]`` = 0).
+        w: ``[G, N_b, K]`` ("nk") or ``[G, K, N_b]`` ("kn"); ``N_b = 2 N`` for SwiGLU (gate
+            rows, then up rows), else N.
+        offs: int ``[G]``, cumulative end row of each group (as ``torch._grouped_mm``).
+        epilogue: "none", "swiglu" (``silu(gate) * up``) or "row_scale" (times ``row_weights``).
+        row_weights: float32 ``[M]`` for "row_scale".
+
+    Returns:
+        float32 ``[M, N]``; rows at or past ``offs[-1]`` are zero.
+    """
+    weights = w.astype(np.float32) if w_layout == "kn" else np.swapaxes(w.astype(np.float32), 1, 2)
+    width = weights.shape[2] // (2 if epilogue == "swiglu" else 1)
+    out = np.zeros((a.shape[0], width), np.float32)
+    start = 0
+    for g, end in enumerate(np.asarray(offs, dtype=np.int64)):
+        rows = a[start:end].astype(np.float32) @ weights[g]
+        if epilogue == "swiglu":
+            gate, up = rows[:, :width], rows[:, width:]
+            rows = gate / (1.0 + np.exp(-gate)) * up
+        elif epilogue == "row_scale":
+            rows = rows * row_weights[start:end, None]
+        out[start:end] = rows
+        start = end
+    return out
+
+
+def expert_scores(logits: np.ndarray, scoring: str) -> np.ndarray:
+    """float32 ``[tokens, experts]``: softmax over each row, or the sigmoid of each logit."""
+    logits = logits.astype(np.float32)
+    if scoring == "softmax":
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def select_experts(
+    logits: np.ndarray,
+    num_topk: int,
+    scoring: str = "softmax",
+    bias: np.ndarray | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    renormalize: bool = False,
+    scaling: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k expert selection from router logits, as vLLM's ``grouped_topk`` / DeepSeek-V3.
+
+    Args:
+        logits: float32 ``[tokens, experts]``.
+        num_topk: experts per token.
+        scoring: "softmax" or "sigmoid" of the logits gives each expert's score.
+        bias: float32 ``[experts]`` added to the scores for the choice only (the weights are
+            the unbiased scores), or None.
+        n_group, topk_group: group-limited routing: experts form ``n_group`` equal groups in
+            order; a group's score is the sum of its two best choice scores with a bias, its
+            best score without; only the ``topk_group`` best groups are eligible.
+        renormalize: divide the k weights by their sum.
+        scaling: multiply the weights by it (DeepSeek-V3's ``routed_scaling_factor``).
+
+    Returns:
+        ``topk_idx`` int64 ``[tokens, k]`` (best first, ties to the lower expert id),
+        ``topk_weights`` float32 ``[tokens, k]``, ``num_tokens_per_expert`` int32 ``[experts]``.
+    """
+    tokens, experts = logits.shape
+    scores = expert_scores(logits, scoring)
+    choice = scores + bias[None, :].astype(np.float32) if bias is not None else scores.copy()
+    if n_group:
+        grouped = choice.reshape(tokens, n_group, experts // n_group)
+        if bias is not None:
+            group_scores = -np.sort(-grouped, axis=2)[:, :, :2].sum(axis=2)
+        else:
+            group_scores = grouped.max(axis=2)
+        chosen_groups = np.argsort(-group_scores, axis=1, kind="stable")[:, :topk_group]
+        allowed = np.zeros((tokens, n_group), dtype=bool)
+        np.put_along_axis(allowed, chosen_groups, True, axis=1)
+        choice = np.where(np.repeat(allowed, experts // n_group, axis=1), choice, -np.inf)
+    topk_idx = np.argsort(-choice, axis=1, kind="stable")[:, :num_topk]
+    topk_weights = np.take_along_axis(scores, topk_idx, axis=1)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(axis=1, keepdims=True)
+    topk_weights = (topk_weights * np.float32(scaling)).astype(np.float32)
+    counts = np.bincount(topk_idx.ravel(), minlength=experts).astype(np.int32)
+    return topk_idx.astype(np.int64), topk_weights, counts

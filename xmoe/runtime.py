@@ -72,6 +72,13 @@ def select_backend(name: str | None) -> str:
     return name
 
 
+def ensure_backend() -> None:
+    """Fix the default backend unless Numba already runs in one mode (functions with no
+    process group, such as the expert compute, need no ``init()``)."""
+    if _numba_simulator_enabled() is None:
+        select_backend(None)
+
+
 def launcher_command(ranks: int, backend: str) -> list[str]:
     """The command that starts ``ranks`` processes running the command that follows it:
     torchrun on cuda, mpirun on sim.

@@ -1,0 +1,49 @@
+"""Compiling generated CUDA C with CuPy (NVRTC), once per kernel and process.
+
+CuPy keeps the compiled binaries in its disk cache (``~/.cupy/kernel_cache``), so a
+kernel is compiled once per machine, not once per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the generated kernels are specialised or sized for."""
+
+    name: str
+    compute_capability: int  # 90 for sm_90
+    multiprocessors: int
+    max_smem_per_block: int  # bytes, after opting in
+
+
+@lru_cache(maxsize=None)
+def device(index: int) -> Device:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(index)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return Device(name, props["major"] * 10 + props["minor"], props["multiProcessorCount"],
+                  props["sharedMemPerBlockOptin"])
+
+
+def current_device() -> Device:
+    import cupy
+
+    return device(cupy.cuda.runtime.getDevice())
+
+
+@lru_cache(maxsize=None)
+def compile_kernel(code: str, entry: str, arch: str) -> Any:
+    """The CuPy ``RawKernel`` ``entry`` of ``code`` built for ``arch`` (e.g. "sm_90a"), allowed
+    as much dynamic shared memory as the current device gives a block."""
+    import cupy
+
+    module = cupy.RawModule(code=code, options=("-std=c++17", f"-arch={arch}"))
+    kernel = module.get_function(entry)
+    kernel.max_dynamic_shared_size_bytes = current_device().max_smem_per_block
+    return kernel

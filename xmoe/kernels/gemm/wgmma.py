@@ -1,0 +1,209 @@
+"""Generator of the Hopper grouped GEMM (sm_90a): warp-specialised and persistent.
+
+Warpgroup 0 loads: its 128 threads copy A and B tiles into ``stages`` shared-memory
+buffers with ``cp.async`` (16 bytes each, rows of 128 bytes stored with the 128-byte
+swizzle that ``wgmma`` reads), each thread's copies completing on the stage's "full"
+mbarrier. Warpgroups 1 and 2 each own 64 rows of the tile: they wait for a stage, issue
+``wgmma`` m64nNk16 on shared-memory descriptors, and release the stage on its "empty"
+mbarrier. ``cp.async`` rather than TMA because rows are addressed one by one: no tensor
+map per call, and a row gather (fused dispatch) needs nothing more.
+"""
+
+from __future__ import annotations
+
+from xmoe.kernels.cuda_c import PRELUDE, SCHEDULER
+from xmoe.kernels.gemm import codegen
+from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
+
+SMEM_LIMIT = 227 * 1024
+_ALIGN = 1024  # a 128-byte swizzle atom is 8 rows x 128 bytes and must start 1024-aligned
+
+_HELPERS = r"""
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// Arrive on ``bar`` once this thread's earlier cp.async copies have landed.
+__device__ __forceinline__ void cp_async_arrive(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+}
+// K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ u64 smem_desc(u32 address) {
+  return (u64)((address & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// One arrival per math warp: the stage's shared memory may be refilled.
+__device__ __forceinline__ void release(u32 bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar);
+}
+"""
+
+_BODY = r"""
+#define A_STAGE_BYTES (BLOCK_M * 128)
+#define B_STAGE_BYTES (B_SUBTILES * BLOCK_N * 128)
+#define ACC (BLOCK_N / 2)
+
+// Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile.
+__device__ __forceinline__ u32 swizzled(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+SIGNATURE {
+  extern __shared__ unsigned char smem_raw[];
+  const u32 raw = smem_u32(smem_raw);
+  const u32 base = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const u32 a_smem = base;
+  const u32 b_smem = base + STAGES * A_STAGE_BYTES;
+  const u32 full_bar = b_smem + STAGES * B_STAGE_BYTES;
+  const u32 empty_bar = full_bar + 8 * STAGES;
+  int* prefix = reinterpret_cast<int*>(smem + (empty_bar + 8 * STAGES - base));
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full_bar + 8 * s, 128);  // every loader thread's copies
+      mbar_init(empty_bar + 8 * s, 8);   // one arrival per math warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  const int n_tiles = (N + BLOCK_N - 1) / BLOCK_N;
+  build_tile_prefix(offs, groups, M, n_tiles, prefix);  // ends with __syncthreads
+  const int total = prefix[groups];
+  const int k_tiles = (K + BLOCK_K - 1) / BLOCK_K;
+  const int warpgroup = threadIdx.x / 128;
+  int stage = 0;
+  u32 phase = 0;
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    const int r0 = threadIdx.x / 8, c = threadIdx.x % 8;  // each thread: chunk c of rows r0 + 16 i
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const Tile tile = locate_tile(t, prefix, groups, offs, M);
+      const bf16_t* Bg = B + (size_t)tile.group * B_SUBTILES * N * K;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(empty_bar + 8 * stage, phase ^ 1);
+        const int k = kt * BLOCK_K + c * 8;
+        #pragma unroll 4  // fully unrolled, the loader needs more than its 40 registers
+        for (int i = 0; i < BLOCK_M / 16; ++i) {
+          const int r = r0 + 16 * i, row = tile.row_start + r;
+          const bool ok = row < tile.row_end && k < K;
+          cp_async16(a_smem + stage * A_STAGE_BYTES + swizzled(r, c), ok ? A + (size_t)row * K + k : A, ok ? 16 : 0);
+        }
+        #pragma unroll 4
+        for (int i = 0; i < B_SUBTILES * BLOCK_N / 16; ++i) {
+          const int r = r0 + 16 * i, n = tile.n0 + r % BLOCK_N;
+          const bool ok = n < N && k < K;
+          const bf16_t* src = Bg + (size_t)((r / BLOCK_N) * N + n) * K + k;
+          cp_async16(b_smem + stage * B_STAGE_BYTES + swizzled(r, c), ok ? src : Bg, ok ? 16 : 0);
+        }
+        cp_async_arrive(full_bar + 8 * stage);
+        if (++stage == STAGES) { stage = 0; phase ^= 1; }
+      }
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int math = warpgroup - 1;  // rows 64 * math .. of the tile
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    float acc[B_SUBTILES][ACC];
+    #pragma unroll
+    for (int s = 0; s < B_SUBTILES; ++s)
+      #pragma unroll
+      for (int j = 0; j < ACC; ++j) acc[s][j] = 0.0f;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const Tile tile = locate_tile(t, prefix, groups, offs, M);
+      int previous = -1;  // the stage whose wgmma batch is still in flight
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(full_bar + 8 * stage, phase);
+        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
+          const u64 a_desc = smem_desc(a_smem + stage * A_STAGE_BYTES + math * 64 * 128 + kk * 32);
+          #pragma unroll
+          for (int s = 0; s < B_SUBTILES; ++s)
+            wgmma_bf16(acc[s], a_desc, smem_desc(b_smem + stage * B_STAGE_BYTES + s * BLOCK_N * 128 + kk * 32),
+                       kt > 0 || kk > 0);
+        }
+        wgmma_commit();
+        // Keep this batch in flight (the tensor cores stay fed) and free the previous one's stage.
+        wgmma_wait<1>();
+        if (previous >= 0) release(empty_bar + 8 * previous, lane);
+        previous = stage;
+        if (++stage == STAGES) { stage = 0; phase ^= 1; }
+      }
+      wgmma_wait<0>();
+      #pragma unroll
+      for (int s = 0; s < B_SUBTILES; ++s) fence_accumulators(acc[s]);
+      release(empty_bar + 8 * previous, lane);
+      #pragma unroll
+      for (int i = 0; i < BLOCK_N / 8; ++i)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = tile.row_start + math * 64 + warp * 16 + lane / 4 + 8 * h;
+          const int col = tile.n0 + i * 8 + (lane % 4) * 2;
+          STORE
+        }
+    }
+  }
+}
+"""
+
+
+def _wgmma_function(n: int) -> str:
+    """``wgmma_bf16``: D[64 x n] (+)= A[64 x 16] B[16 x n], both K-major in shared memory."""
+    regs = n // 2
+    outputs = ", ".join(f"%{i}" for i in range(regs))
+    constraints = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    fences = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    return (
+        "__device__ __forceinline__ void wgmma_bf16(float* d, u64 desc_a, u64 desc_b, int accumulate) {\n"
+        '  asm volatile("{\\n.reg .pred p;\\n"\n'
+        f'               "setp.ne.b32 p, %{regs + 2}, 0;\\n"\n'
+        f'               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "\n'
+        f'               "{{{outputs}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f"               : {constraints}\n"
+        '               : "l"(desc_a), "l"(desc_b), "r"(accumulate));\n'
+        "}\n"
+        "// Keeps reads of the accumulators after the wgmma_wait<0>() that completes them.\n"
+        "__device__ __forceinline__ void fence_accumulators(float* d) {\n"
+        f'  asm volatile("" : {fences} :: "memory");\n'
+        "}\n"
+    )
+
+
+def smem_bytes(config: GemmConfig, variant: GemmVariant) -> int:
+    """Shared memory of the tiles and barriers, with the slack for 1024-byte alignment."""
+    stage = 128 * (config.block_m + variant.b_subtiles * config.block_n)
+    return _ALIGN + config.stages * stage + 16 * config.stages
+
+
+def generate(config: GemmConfig, variant: GemmVariant) -> KernelSource:
+    """CUDA C of one "wgmma" kernel."""
+    if variant.b_layout != "nk":
+        raise ValueError("the wgmma kernel reads B K-major only (b_layout 'nk')")
+    if config.block_m != 128 or config.block_k != 64 or config.block_n % 16 or config.block_n * variant.b_subtiles > 256:
+        raise ValueError(f"{config.name}: wgmma tiles are 128 x N x 64, N a multiple of 16 and at most 256 "
+                         "columns of B (the accumulators of one thread)")
+    if smem_bytes(config, variant) > SMEM_LIMIT:
+        raise ValueError(f"{config.name}: {smem_bytes(config, variant)} bytes of shared memory, more than {SMEM_LIMIT}")
+    entry = f"grouped_gemm_{config.name}_{variant.name}"
+    subtiles = [(f"acc[{s}][4 * i + 2 * h]", f"acc[{s}][4 * i + 2 * h + 1]") for s in range(variant.b_subtiles)]
+    body = (_BODY.replace("SIGNATURE", codegen.signature(entry, variant))
+            .replace("STORE", codegen.store_call(variant, "row", "col", subtiles)))
+    code = "\n".join([
+        codegen.constants(config, variant, threads=384, min_blocks=1),
+        PRELUDE, _HELPERS, _wgmma_function(config.block_n), SCHEDULER, codegen.store_function(variant), body,
+    ])
+    return KernelSource(code, entry, 384, smem_bytes(config, variant), "sm_90a")
