@@ -40,9 +40,11 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 """
 
-#: Tile scheduling over groups of rows (one expert's rows are contiguous): the tiles of
-#: group g are ceil(rows_g / BM) row tiles x ``n_tiles`` column tiles, groups in order,
-#: row tiles fastest, so CTAs running together share a weight tile and one group's rows.
+#: Tile scheduling over groups of rows (one expert's rows are contiguous): the work units
+#: of group g are ceil(rows_g / (BLOCK_M * CLUSTER_M)) row units x ``n_tiles`` column tiles,
+#: groups in order, row units fastest, so CTAs running together share a weight tile and one
+#: group's rows. CTA ``rank`` of a cluster takes row tile ``rank`` of its cluster's unit
+#: (empty when the group has no rows left: row_end <= row_start).
 SCHEDULER = r"""
 // prefix[g] = tiles of groups 0..g-1; offs[g] = end row of group g (cumulative), clamped to M.
 __device__ void build_tile_prefix(const int* offs, int groups, int M, int n_tiles, int* prefix) {
@@ -56,7 +58,7 @@ __device__ void build_tile_prefix(const int* offs, int groups, int M, int n_tile
       if (g < groups) {
         const int start = g == 0 ? 0 : min(offs[g - 1], M);
         const int rows = max(min(offs[g], M) - start, 0);
-        tiles = (rows + BLOCK_M - 1) / BLOCK_M * n_tiles;
+        tiles = (rows + BLOCK_M * CLUSTER_M - 1) / (BLOCK_M * CLUSTER_M) * n_tiles;
       }
       int inclusive = tiles;
       #pragma unroll
@@ -73,7 +75,8 @@ __device__ void build_tile_prefix(const int* offs, int groups, int M, int n_tile
 
 struct Tile { int group; int row_start; int row_end; int n0; };
 
-__device__ __forceinline__ Tile locate_tile(int t, const int* prefix, int groups, const int* offs, int M) {
+__device__ __forceinline__ Tile locate_tile(int t, const int* prefix, int groups, const int* offs, int M,
+                                            int rank = 0) {
   int lo = 0, hi = groups;  // prefix[lo] <= t < prefix[groups]
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
@@ -81,13 +84,13 @@ __device__ __forceinline__ Tile locate_tile(int t, const int* prefix, int groups
   }
   const int start = lo == 0 ? 0 : min(offs[lo - 1], M);
   const int end = min(offs[lo], M);
-  const int m_tiles = (end - start + BLOCK_M - 1) / BLOCK_M;
+  const int m_units = (end - start + BLOCK_M * CLUSTER_M - 1) / (BLOCK_M * CLUSTER_M);
   const int local = t - prefix[lo];
   Tile tile;
   tile.group = lo;
-  tile.row_start = start + (local % m_tiles) * BLOCK_M;
+  tile.row_start = start + ((local % m_units) * CLUSTER_M + rank) * BLOCK_M;
   tile.row_end = min(tile.row_start + BLOCK_M, end);
-  tile.n0 = (local / m_tiles) * BLOCK_N;
+  tile.n0 = (local / m_units) * BLOCK_N;
   return tile;
 }
 """

@@ -10,7 +10,7 @@ reference runs.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from xmoe import reference
 from xmoe.event import current_stream
 from xmoe.interop import as_array, new_output, on_gpu, xp
 from xmoe.kernels.gemm import mma, wgmma
+from xmoe.kernels.gemm.tma import tensor_map
 from xmoe.kernels.gemm.autotune import Autotuner, shape_key
 from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
 
@@ -28,10 +29,24 @@ _MAX_STAGES = 8
 _PREFIX_RESERVE = 4096  # bytes of shared memory left for the per-group tile table (1023 groups)
 
 
-def _wgmma_config(block_n: int, variant: GemmVariant) -> GemmConfig:
+class Problem(NamedTuple):
+    """One call's arrays (backend arrays) and sizes."""
+
+    a: Any
+    w: Any
+    out: Any
+    offs: Any
+    row_weights: Any
+    rows: int
+    n: int
+    k: int
+    groups: int
+
+
+def _wgmma_config(block_n: int, cluster_m: int, variant: GemmVariant) -> GemmConfig:
     stage = 128 * (128 + variant.b_subtiles * block_n) + 16
     stages = min(_MAX_STAGES, (wgmma.SMEM_LIMIT - 1024 - _PREFIX_RESERVE) // stage)
-    return GemmConfig("wgmma", 128, block_n, 64, stages)
+    return GemmConfig("wgmma", 128, block_n, 64, stages, cluster_m=cluster_m)
 
 
 @lru_cache(maxsize=None)
@@ -39,7 +54,7 @@ def candidates(variant: GemmVariant, compute_capability: int) -> tuple[GemmConfi
     """The tile configurations the autotuner times for ``variant`` on a device, best guess first."""
     if compute_capability == 90 and variant.b_layout == "nk":
         widths = (256, 128, 192) if variant.b_subtiles == 1 else (128, 64)
-        return tuple(_wgmma_config(n, variant) for n in widths)
+        return tuple(_wgmma_config(n, cluster, variant) for n in widths for cluster in (2, 1))
     if variant.b_subtiles == 1:
         return (GemmConfig("mma", 128, 128, 32, 4, 2, 4), GemmConfig("mma", 64, 128, 32, 4, 2, 4),
                 GemmConfig("mma", 64, 64, 32, 4, 2, 2))
@@ -62,17 +77,30 @@ def _prepared(config: GemmConfig, variant: GemmVariant, device_index: int) -> tu
     return compile_kernel(source.code, source.entry, arch), source, target
 
 
-def _launch(config: GemmConfig, variant: GemmVariant, args: tuple, rows: int, n: int, groups: int, stream: Any) -> None:
+def _launch(config: GemmConfig, variant: GemmVariant, problem: Problem, stream: Any) -> None:
     import cupy
 
     kernel, source, device = _prepared(config, variant, cupy.cuda.runtime.getDevice())
-    smem = source.smem_bytes(groups)
+    smem = source.smem_bytes(problem.groups)
     if smem > device.max_smem_per_block:
-        raise ValueError(f"offs: {groups} groups need {smem} bytes of shared memory, more than the "
+        raise ValueError(f"offs: {problem.groups} groups need {smem} bytes of shared memory, more than the "
                          f"{device.max_smem_per_block} a block gets")
-    tiles = (-(-rows // config.block_m) + groups) * -(-n // config.block_n)
+    rows_per_unit = config.block_m * config.cluster_m
+    ctas = (-(-problem.rows // rows_per_unit) + problem.groups) * -(-problem.n // config.block_n) * config.cluster_m
     per_sm = 1 if smem > device.max_smem_per_block // 2 else 2
-    grid = min(tiles, device.multiprocessors * per_sm)
+    grid = min(ctas, device.multiprocessors * per_sm)
+    grid -= grid % config.cluster_m
+    if config.kernel == "wgmma":
+        a_map = tensor_map(problem.a.data.ptr, (problem.k, problem.rows), (config.block_k, config.block_m))
+        b_map = tensor_map(problem.w.data.ptr, (problem.k, problem.w.shape[1], problem.groups),
+                           (config.block_k, config.block_n // config.cluster_m, 1))
+        operands: tuple = (a_map, b_map)
+    else:
+        operands = (problem.a, problem.w)
+    args = operands + (problem.out, problem.offs, np.int32(problem.groups), np.int32(problem.rows),
+                       np.int32(problem.n), np.int32(problem.k))
+    if problem.row_weights is not None:
+        args += (problem.row_weights,)
     with stream:
         kernel((grid,), (source.threads,), args, shared_mem=smem)
 
@@ -168,26 +196,24 @@ def grouped_gemm(
         return finish()
     if rows == 0:
         return finish()
-    args = (a_array, w_array, out, offs_array, np.int32(groups), np.int32(rows), np.int32(n), np.int32(k))
-    if weights_array is not None:
-        args += (weights_array,)
+    problem = Problem(a_array, w_array, out, offs_array, weights_array, rows, n, k, groups)
     stream = current_stream(origin.framework)
     if config is None:
-        config = _choose(variant, args, rows, n, k, groups, stream)
-    _launch(config, variant, args, rows, n, groups, stream)
+        config = _choose(variant, problem, stream)
+    _launch(config, variant, problem, stream)
     return finish()
 
 
 _CHOSEN: dict[tuple, GemmConfig] = {}
 
 
-def _choose(variant: GemmVariant, args: tuple, rows: int, n: int, k: int, groups: int, stream: Any) -> GemmConfig:
+def _choose(variant: GemmVariant, problem: Problem, stream: Any) -> GemmConfig:
     """The autotuner's config for this shape (remembered in-process: this is on every call's path)."""
     import cupy
 
     device_index = cupy.cuda.runtime.getDevice()
-    bucket = 1 << max(rows - 1, 0).bit_length()
-    memo = (variant, bucket, n, k, groups, device_index)
+    bucket = 1 << max(problem.rows - 1, 0).bit_length()
+    memo = (variant, bucket, problem.n, problem.k, problem.groups, device_index)
     if memo in _CHOSEN:
         return _CHOSEN[memo]
     from xmoe.kernels.build import device
@@ -195,15 +221,15 @@ def _choose(variant: GemmVariant, args: tuple, rows: int, n: int, k: int, groups
     target = device(device_index)
 
     def time_ms(config: GemmConfig, runs: int) -> float:
-        _launch(config, variant, args, rows, n, groups, stream)  # compiles, warms up
+        _launch(config, variant, problem, stream)  # compiles, warms up
         start = stream.record()
         for _ in range(runs):
-            _launch(config, variant, args, rows, n, groups, stream)
+            _launch(config, variant, problem, stream)
         end = stream.record()
         end.synchronize()
         return cupy.cuda.get_elapsed_time(start, end) / runs
 
-    key = shape_key(target.name, variant.name, rows, n, k, groups)
+    key = shape_key(target.name, variant.name, problem.rows, problem.n, problem.k, problem.groups)
     _CHOSEN[memo] = _AUTOTUNER.choose(key, candidates(variant, target.compute_capability), time_ms)
     return _CHOSEN[memo]
 

@@ -9,24 +9,30 @@ OUT_TYPES = {"bf16": "bf16_t", "f32": "float"}
 
 
 def constants(config: GemmConfig, variant: GemmVariant, threads: int, min_blocks: int) -> str:
-    """``#define``s of the tile shape; ``min_blocks``: CTAs per SM the register budget must allow."""
+    """``#define``s of the tile shape; ``min_blocks``: CTAs per SM the register budget must allow;
+    ``CLUSTER_M``: CTAs of a cluster, on consecutive row tiles of one group."""
     return "\n".join([
         f"#define BLOCK_M {config.block_m}",
         f"#define BLOCK_N {config.block_n}",
         f"#define BLOCK_K {config.block_k}",
         f"#define STAGES {config.stages}",
+        f"#define CLUSTER_M {config.cluster_m}",
         f"#define THREADS {threads}",
         f"#define MIN_BLOCKS {min_blocks}",
         f"#define B_SUBTILES {variant.b_subtiles}",
     ])
 
 
-def signature(entry: str, variant: GemmVariant) -> str:
+POINTER_OPERANDS = "const bf16_t* __restrict__ A, const bf16_t* __restrict__ B"
+
+
+def signature(entry: str, variant: GemmVariant, operands: str = POINTER_OPERANDS, attributes: str = "") -> str:
     """``A`` bf16 [M, K]; ``B`` bf16 [groups, B_SUBTILES * N, K] ("nk") or [groups, K, B_SUBTILES * N]
-    ("kn"); ``C`` [M, N]; ``offs`` int32 [groups], the cumulative end row of each group."""
+    ("kn"), as pointers or as ``operands`` (tensor maps); ``C`` [M, N]; ``offs`` int32 [groups],
+    the cumulative end row of each group."""
     weights = ", const float* __restrict__ row_weights" if variant.epilogue == "row_scale" else ""
-    return (f'extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) {entry}(\n'
-            "    const bf16_t* __restrict__ A, const bf16_t* __restrict__ B, out_t* __restrict__ C,\n"
+    return (f'extern "C" __global__ void {attributes}__launch_bounds__(THREADS, MIN_BLOCKS) {entry}(\n'
+            f"    {operands}, out_t* __restrict__ C,\n"
             f"    const int* __restrict__ offs, int groups, int M, int N, int K{weights})")
 
 

@@ -29,6 +29,8 @@ class GemmConfig:
         block_k: K per pipeline stage (64 for "wgmma": one 128-byte swizzle row).
         stages: shared-memory pipeline depth.
         warps_m, warps_n: the warp grid of an "mma" tile.
+        cluster_m: CTAs per cluster ("wgmma"): they take consecutive row tiles of one group
+            and share each weight tile, every CTA loading a part and multicasting it to all.
     """
 
     kernel: str
@@ -38,11 +40,12 @@ class GemmConfig:
     stages: int
     warps_m: int = 2
     warps_n: int = 4
+    cluster_m: int = 1
 
     @property
     def name(self) -> str:
-        warps = f"_w{self.warps_m}x{self.warps_n}" if self.kernel == "mma" else ""
-        return f"{self.kernel}_{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}{warps}"
+        shape = f"_w{self.warps_m}x{self.warps_n}" if self.kernel == "mma" else f"_c{self.cluster_m}"
+        return f"{self.kernel}_{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}{shape}"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
-"""Generator of the Hopper grouped GEMM (sm_90a): warp-specialised and persistent.
+"""Generator of the Hopper grouped GEMM (sm_90a): warp-specialised, persistent, TMA-fed.
 
-Warpgroup 0 loads: its 128 threads copy A and B tiles into ``stages`` shared-memory
-buffers with ``cp.async`` (16 bytes each, rows of 128 bytes stored with the 128-byte
-swizzle that ``wgmma`` reads), each thread's copies completing on the stage's "full"
-mbarrier. Warpgroups 1 and 2 each own 64 rows of the tile: they wait for a stage, issue
-``wgmma`` m64nNk16 on shared-memory descriptors, and release the stage on its "empty"
-mbarrier. ``cp.async`` rather than TMA because rows are addressed one by one: no tensor
-map per call, and a row gather (fused dispatch) needs nothing more.
+Warpgroup 0 loads: one thread issues the tensor-memory-accelerator copies of each stage
+(A rows of the tile, B rows of the weight tile) into ``stages`` shared-memory buffers,
+128-byte swizzled as ``wgmma`` reads them, completing on the stage's "full" mbarrier.
+Warpgroups 1 and 2 each own 64 rows of the tile: they wait for a stage, issue ``wgmma``
+m64nNk16 on shared-memory descriptors, keep one batch in flight, and release the stage
+on its "empty" mbarrier. With ``cluster_m`` = 2 the two CTAs of a cluster take consecutive
+row tiles of one group and share the weight tile: each loads half of it and multicasts
+it to both, which halves the weight traffic from L2; a stage is refilled only when the
+consumers of every CTA of the cluster have released it.
+
+The A and B tensor maps (``tma.py``) are encoded on the host and passed by value.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
 
 SMEM_LIMIT = 227 * 1024
 _ALIGN = 1024  # a 128-byte swizzle atom is 8 rows x 128 bytes and must start 1024-aligned
+OPERANDS = "const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map"
 
 _HELPERS = r"""
+struct __align__(64) TensorMap { u64 words[16]; };
+
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count));
 }
@@ -27,12 +34,43 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
                "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
                "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
+__device__ __forceinline__ void mbar_expect_bytes(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
 }
-// Arrive on ``bar`` once this thread's earlier cp.async copies have landed.
-__device__ __forceinline__ void cp_async_arrive(u32 bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+// Arrive on the mbarrier at shared address ``bar`` of CTA ``cta`` of this cluster. The default
+// (release, CTA scope) orders this thread's finished reads of the stage, which is all a
+// peer's refill needs; a cluster-scope release would add a GPU-wide memory barrier.
+__device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 cta) {
+  asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+               "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n"
+               :: "r"(bar), "r"(cta) : "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap* map, u32 bar, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+               :: "r"(dst), "l"(map), "r"(bar), "r"(c0), "r"(c1) : "memory");
+}
+// The same box into the same shared address of every CTA in ``mask``, completing on each one's ``bar``.
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TensorMap* map, u32 bar, int c0, int c1, int c2,
+                                            unsigned short mask) {
+  if (CLUSTER_M == 1) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+                 :: "r"(dst), "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2) : "memory");
+  } else {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%3, %4, %5}], [%2], %6;\n"
+                 :: "r"(dst), "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(mask) : "memory");
+  }
 }
 // K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ u64 smem_desc(u32 address) {
@@ -43,20 +81,24 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
-// One arrival per math warp: the stage's shared memory may be refilled.
+// One arrival per math warp on the stage's "empty" mbarrier of every CTA that writes into it.
 __device__ __forceinline__ void release(u32 bar, int lane) {
   __syncwarp();
-  if (lane == 0) mbar_arrive(bar);
+  if (lane == 0) {
+    if (CLUSTER_M == 1) {
+      mbar_arrive(bar);
+    } else {
+      for (int cta = 0; cta < CLUSTER_M; ++cta) mbar_arrive_cluster(bar, cta);
+    }
+  }
 }
 """
 
 _BODY = r"""
 #define A_STAGE_BYTES (BLOCK_M * 128)
 #define B_STAGE_BYTES (B_SUBTILES * BLOCK_N * 128)
+#define B_PART_ROWS (BLOCK_N / CLUSTER_M)  // weight rows each CTA of a cluster loads and multicasts
 #define ACC (BLOCK_N / 2)
-
-// Byte offset of 16-byte chunk c of row r in a 128-byte-swizzled tile.
-__device__ __forceinline__ u32 swizzled(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
 SIGNATURE {
   extern __shared__ unsigned char smem_raw[];
@@ -68,49 +110,43 @@ SIGNATURE {
   const u32 full_bar = b_smem + STAGES * B_STAGE_BYTES;
   const u32 empty_bar = full_bar + 8 * STAGES;
   int* prefix = reinterpret_cast<int*>(smem + (empty_bar + 8 * STAGES - base));
+  const u32 rank = CLUSTER_M > 1 ? cluster_rank() : 0;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full_bar + 8 * s, 128);  // every loader thread's copies
-      mbar_init(empty_bar + 8 * s, 8);   // one arrival per math warp
+      mbar_init(full_bar + 8 * s, 1);                 // the loader's expect-bytes arrival
+      mbar_init(empty_bar + 8 * s, 8 * CLUSTER_M);    // every math warp of the cluster
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   const int n_tiles = (N + BLOCK_N - 1) / BLOCK_N;
   build_tile_prefix(offs, groups, M, n_tiles, prefix);  // ends with __syncthreads
+  if (CLUSTER_M > 1) cluster_sync();  // the peers' barriers exist before anything lands in them
   const int total = prefix[groups];
   const int k_tiles = (K + BLOCK_K - 1) / BLOCK_K;
   const int warpgroup = threadIdx.x / 128;
+  const int first = blockIdx.x / CLUSTER_M, stride = gridDim.x / CLUSTER_M;
   int stage = 0;
   u32 phase = 0;
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    const int r0 = threadIdx.x / 8, c = threadIdx.x % 8;  // each thread: chunk c of rows r0 + 16 i
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const Tile tile = locate_tile(t, prefix, groups, offs, M);
-      const bf16_t* Bg = B + (size_t)tile.group * B_SUBTILES * N * K;
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        mbar_wait(empty_bar + 8 * stage, phase ^ 1);
-        const int k = kt * BLOCK_K + c * 8;
-        #pragma unroll 4  // fully unrolled, the loader needs more than its 40 registers
-        for (int i = 0; i < BLOCK_M / 16; ++i) {
-          const int r = r0 + 16 * i, row = tile.row_start + r;
-          const bool ok = row < tile.row_end && k < K;
-          cp_async16(a_smem + stage * A_STAGE_BYTES + swizzled(r, c), ok ? A + (size_t)row * K + k : A, ok ? 16 : 0);
+    if (threadIdx.x == 0) {
+      for (int t = first; t < total; t += stride) {
+        const Tile tile = locate_tile(t, prefix, groups, offs, M, rank);
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          mbar_wait(empty_bar + 8 * stage, phase ^ 1);
+          const u32 full = full_bar + 8 * stage;
+          mbar_expect_bytes(full, A_STAGE_BYTES + B_STAGE_BYTES);
+          tma_load_2d(a_smem + stage * A_STAGE_BYTES, &a_map, full, kt * BLOCK_K, tile.row_start);
+          #pragma unroll
+          for (int s = 0; s < B_SUBTILES; ++s)
+            tma_load_3d(b_smem + stage * B_STAGE_BYTES + (s * BLOCK_N + rank * B_PART_ROWS) * 128, &b_map, full,
+                        kt * BLOCK_K, s * N + tile.n0 + rank * B_PART_ROWS, tile.group, (1 << CLUSTER_M) - 1);
+          if (++stage == STAGES) { stage = 0; phase ^= 1; }
         }
-        #pragma unroll 4
-        for (int i = 0; i < B_SUBTILES * BLOCK_N / 16; ++i) {
-          const int r = r0 + 16 * i, n = tile.n0 + r % BLOCK_N;
-          const bool ok = n < N && k < K;
-          const bf16_t* src = Bg + (size_t)((r / BLOCK_N) * N + n) * K + k;
-          cp_async16(b_smem + stage * B_STAGE_BYTES + swizzled(r, c), ok ? src : Bg, ok ? 16 : 0);
-        }
-        cp_async_arrive(full_bar + 8 * stage);
-        if (++stage == STAGES) { stage = 0; phase ^= 1; }
       }
     }
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int math = warpgroup - 1;  // rows 64 * math .. of the tile
@@ -120,13 +156,11 @@ SIGNATURE {
     for (int s = 0; s < B_SUBTILES; ++s)
       #pragma unroll
       for (int j = 0; j < ACC; ++j) acc[s][j] = 0.0f;
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const Tile tile = locate_tile(t, prefix, groups, offs, M);
+    for (int t = first; t < total; t += stride) {
+      const Tile tile = locate_tile(t, prefix, groups, offs, M, rank);
       int previous = -1;  // the stage whose wgmma batch is still in flight
       for (int kt = 0; kt < k_tiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
-        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         wgmma_fence();
         #pragma unroll
         for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
@@ -157,6 +191,7 @@ SIGNATURE {
         }
     }
   }
+  if (CLUSTER_M > 1) cluster_sync();  // no CTA leaves while a peer may still write into it
 }
 """
 
@@ -165,20 +200,19 @@ def _wgmma_function(n: int) -> str:
     """``wgmma_bf16``: D[64 x n] (+)= A[64 x 16] B[16 x n], both K-major in shared memory."""
     regs = n // 2
     outputs = ", ".join(f"%{i}" for i in range(regs))
-    constraints = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-    fences = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    operands = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     return (
         "__device__ __forceinline__ void wgmma_bf16(float* d, u64 desc_a, u64 desc_b, int accumulate) {\n"
         '  asm volatile("{\\n.reg .pred p;\\n"\n'
         f'               "setp.ne.b32 p, %{regs + 2}, 0;\\n"\n'
         f'               "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 "\n'
         f'               "{{{outputs}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"\n'
-        f"               : {constraints}\n"
+        f"               : {operands}\n"
         '               : "l"(desc_a), "l"(desc_b), "r"(accumulate));\n'
         "}\n"
         "// Keeps reads of the accumulators after the wgmma_wait<0>() that completes them.\n"
         "__device__ __forceinline__ void fence_accumulators(float* d) {\n"
-        f'  asm volatile("" : {fences} :: "memory");\n'
+        f'  asm volatile("" : {operands} :: "memory");\n'
         "}\n"
     )
 
@@ -196,11 +230,14 @@ def generate(config: GemmConfig, variant: GemmVariant) -> KernelSource:
     if config.block_m != 128 or config.block_k != 64 or config.block_n % 16 or config.block_n * variant.b_subtiles > 256:
         raise ValueError(f"{config.name}: wgmma tiles are 128 x N x 64, N a multiple of 16 and at most 256 "
                          "columns of B (the accumulators of one thread)")
+    if config.cluster_m not in (1, 2) or (config.block_n // config.cluster_m) % 8:
+        raise ValueError(f"{config.name}: clusters of 1 or 2 CTAs, each loading a multiple of 8 weight rows")
     if smem_bytes(config, variant) > SMEM_LIMIT:
         raise ValueError(f"{config.name}: {smem_bytes(config, variant)} bytes of shared memory, more than {SMEM_LIMIT}")
     entry = f"grouped_gemm_{config.name}_{variant.name}"
     subtiles = [(f"acc[{s}][4 * i + 2 * h]", f"acc[{s}][4 * i + 2 * h + 1]") for s in range(variant.b_subtiles)]
-    body = (_BODY.replace("SIGNATURE", codegen.signature(entry, variant))
+    cluster = f"__cluster_dims__({config.cluster_m}, 1, 1) " if config.cluster_m > 1 else ""
+    body = (_BODY.replace("SIGNATURE", codegen.signature(entry, variant, OPERANDS, cluster))
             .replace("STORE", codegen.store_call(variant, "row", "col", subtiles)))
     code = "\n".join([
         codegen.constants(config, variant, threads=384, min_blocks=1),
