@@ -16,6 +16,7 @@ VARIANTS = {
     "plain": {},
     "swiglu": {"epilogue": "swiglu"},
     "row_weights": {"row_weights": True},
+    "f32": {"out_dtype": "float32"},
     "kn-f32": {"w_layout": "kn", "out_dtype": "float32"},
 }
 

@@ -45,15 +45,15 @@ class Problem(NamedTuple):
 
 def _wgmma_config(block_n: int, cluster_m: int, variant: GemmVariant) -> GemmConfig:
     stage = 128 * (128 + variant.b_subtiles * block_n) + 16
-    stages = min(_MAX_STAGES, (wgmma.SMEM_LIMIT - 1024 - _PREFIX_RESERVE) // stage)
-    return GemmConfig("wgmma", 128, block_n, 64, stages, cluster_m=cluster_m)
+    room = wgmma.SMEM_LIMIT - 1024 - _PREFIX_RESERVE - wgmma.staging_bytes(block_n, variant)
+    return GemmConfig("wgmma", 128, block_n, 64, min(_MAX_STAGES, room // stage), cluster_m=cluster_m)
 
 
 @lru_cache(maxsize=None)
 def candidates(variant: GemmVariant, compute_capability: int) -> tuple[GemmConfig, ...]:
     """The tile configurations the autotuner times for ``variant`` on a device, best guess first."""
     if compute_capability == 90 and variant.b_layout == "nk":
-        widths = (256, 128, 192) if variant.b_subtiles == 1 else (128, 64)
+        widths = (128, 64) if variant.b_subtiles == 2 else (256, 128, 192) if variant.out_dtype == "bf16" else (128,)
         return tuple(_wgmma_config(n, cluster, variant) for n in widths for cluster in (2, 1))
     if variant.b_subtiles == 1:
         return (GemmConfig("mma", 128, 128, 32, 4, 2, 4), GemmConfig("mma", 64, 128, 32, 4, 2, 4),

@@ -37,25 +37,43 @@ def signature(entry: str, variant: GemmVariant, operands: str = POINTER_OPERANDS
 
 
 def store_function(variant: GemmVariant) -> str:
-    """``store_pair``: two adjacent output columns of one row, guarded, after the epilogue."""
+    """Two adjacent output columns of one row after the epilogue: ``store_pair`` writes them to
+    C (guarded by the row range and N), ``stage_pair`` to a shared-memory address (rows past
+    the tile's end are staged but never copied out)."""
     weights = ", const float* __restrict__ row_weights" if variant.epilogue == "row_scale" else ""
-    scale = "  const float w = row_weights[row]; v0 *= w; v1 *= w;\n" if variant.epilogue == "row_scale" else ""
+    scale = ("  const float w = row < row_end ? row_weights[row] : 0.0f;\n  v0 *= w; v1 *= w;\n"
+             if variant.epilogue == "row_scale" else "")
     if variant.out_dtype == "bf16":
         store = "  *reinterpret_cast<u32*>(C + (size_t)row * N + col) = pack_bf16x2(v0, v1);\n"
+        stage = '  asm volatile("st.shared.b32 [%0], %1;\\n" :: "r"(address), "r"(pack_bf16x2(v0, v1)));\n'
     else:
         store = "  *reinterpret_cast<float2*>(C + (size_t)row * N + col) = make_float2(v0, v1);\n"
+        stage = '  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\\n" :: "r"(address), "f"(v0), "f"(v1));\n'
     return (f"typedef {OUT_TYPES[variant.out_dtype]} out_t;\n"
             "__device__ __forceinline__ void store_pair(out_t* __restrict__ C, int N, int row, int row_end, int col,\n"
             f"                                           float v0, float v1{weights}) {{\n"
-            "  if (row >= row_end || col >= N) return;\n" + scale + store + "}\n")
+            "  if (row >= row_end || col >= N) return;\n" + scale + store + "}\n"
+            "__device__ __forceinline__ void stage_pair(u32 address, int row, int row_end, float v0, float v1"
+            f"{weights}) {{\n" + scale + stage + "}\n")
+
+
+def _values(variant: GemmVariant, subtile_values: list[tuple[str, str]]) -> tuple[str, str]:
+    if variant.epilogue == "swiglu":
+        (g0, g1), (u0, u1) = subtile_values
+        return f"silu({g0}) * {u0}", f"silu({g1}) * {u1}"
+    (v0, v1), = subtile_values
+    return v0, v1
 
 
 def store_call(variant: GemmVariant, row: str, col: str, subtile_values: list[tuple[str, str]]) -> str:
     """One ``store_pair`` call; ``subtile_values`` holds the (v0, v1) accumulators of each B subtile."""
-    if variant.epilogue == "swiglu":
-        (g0, g1), (u0, u1) = subtile_values
-        v0, v1 = f"silu({g0}) * {u0}", f"silu({g1}) * {u1}"
-    else:
-        (v0, v1), = subtile_values
+    v0, v1 = _values(variant, subtile_values)
     weights = ", row_weights" if variant.epilogue == "row_scale" else ""
     return f"store_pair(C, N, {row}, tile.row_end, {col}, {v0}, {v1}{weights});"
+
+
+def stage_call(variant: GemmVariant, address: str, row: str, subtile_values: list[tuple[str, str]]) -> str:
+    """One ``stage_pair`` call, as :func:`store_call` but into shared memory at ``address``."""
+    v0, v1 = _values(variant, subtile_values)
+    weights = ", row_weights" if variant.epilogue == "row_scale" else ""
+    return f"stage_pair({address}, {row}, tile.row_end, {v0}, {v1}{weights});"

@@ -72,6 +72,13 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const TensorMap* map, u32 b
                  :: "r"(dst), "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(mask) : "memory");
   }
 }
+// ``bytes`` from shared ``src`` to global ``dst`` by the copy engine, in this thread's bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, u32 src, u32 bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" :: "l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void warpgroup_barrier(int id) {
+  asm volatile("bar.sync %0, 128;\n" :: "r"(id) : "memory");
+}
 // K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ u64 smem_desc(u32 address) {
   return (u64)((address & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
@@ -99,6 +106,10 @@ _BODY = r"""
 #define B_STAGE_BYTES (B_SUBTILES * BLOCK_N * 128)
 #define B_PART_ROWS (BLOCK_N / CLUSTER_M)  // weight rows each CTA of a cluster loads and multicasts
 #define ACC (BLOCK_N / 2)
+// Output staging, per math warpgroup: 64 rows, padded by 16 bytes so that the 8 rows a warp
+// writes at once fall in different banks.
+#define OUT_ROW_BYTES (BLOCK_N * (int)sizeof(out_t) + 16)
+#define OUT_STAGE_BYTES (64 * OUT_ROW_BYTES)
 
 SIGNATURE {
   extern __shared__ unsigned char smem_raw[];
@@ -107,7 +118,8 @@ SIGNATURE {
   unsigned char* smem = smem_raw + (base - raw);
   const u32 a_smem = base;
   const u32 b_smem = base + STAGES * A_STAGE_BYTES;
-  const u32 full_bar = b_smem + STAGES * B_STAGE_BYTES;
+  const u32 out_smem = b_smem + STAGES * B_STAGE_BYTES;
+  const u32 full_bar = out_smem + 2 * OUT_STAGE_BYTES;
   const u32 empty_bar = full_bar + 8 * STAGES;
   int* prefix = reinterpret_cast<int*>(smem + (empty_bar + 8 * STAGES - base));
   const u32 rank = CLUSTER_M > 1 ? cluster_rank() : 0;
@@ -181,15 +193,31 @@ SIGNATURE {
       #pragma unroll
       for (int s = 0; s < B_SUBTILES; ++s) fence_accumulators(acc[s]);
       release(empty_bar + 8 * previous, lane);
+      // Epilogue: the warpgroup's 64 rows go through shared memory and out as one bulk copy
+      // per row, asynchronously: the next tile's wgmma starts while the copies run.
+      const int wg_thread = threadIdx.x % 128;
+      const u32 staging = out_smem + math * OUT_STAGE_BYTES;
+      if (wg_thread < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+      warpgroup_barrier(1 + math);  // the previous tile's copies have read the staging rows
       #pragma unroll
       for (int i = 0; i < BLOCK_N / 8; ++i)
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int row = tile.row_start + math * 64 + warp * 16 + lane / 4 + 8 * h;
-          const int col = tile.n0 + i * 8 + (lane % 4) * 2;
-          STORE
+          const int r = warp * 16 + lane / 4 + 8 * h;
+          const int row = tile.row_start + math * 64 + r;
+          const u32 address = staging + r * OUT_ROW_BYTES + (i * 8 + (lane % 4) * 2) * (int)sizeof(out_t);
+          STAGE
         }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // st.shared before the copy engine reads
+      warpgroup_barrier(1 + math);
+      if (wg_thread < 64) {
+        const int row = tile.row_start + math * 64 + wg_thread, columns = min(BLOCK_N, N - tile.n0);
+        if (row < tile.row_end && columns > 0)
+          bulk_store(C + (size_t)row * N + tile.n0, staging + wg_thread * OUT_ROW_BYTES, columns * (int)sizeof(out_t));
+        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+      }
     }
+    if (threadIdx.x % 128 < 64) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
   }
   if (CLUSTER_M > 1) cluster_sync();  // no CTA leaves while a peer may still write into it
 }
@@ -217,10 +245,16 @@ def _wgmma_function(n: int) -> str:
     )
 
 
+def staging_bytes(block_n: int, variant: GemmVariant) -> int:
+    """Shared memory of the output rows staged by the two math warpgroups."""
+    return 2 * 64 * (block_n * (2 if variant.out_dtype == "bf16" else 4) + 16)
+
+
 def smem_bytes(config: GemmConfig, variant: GemmVariant) -> int:
-    """Shared memory of the tiles and barriers, with the slack for 1024-byte alignment."""
+    """Shared memory of the tiles, the output staging and the barriers, with the slack for
+    1024-byte alignment."""
     stage = 128 * (config.block_m + variant.b_subtiles * config.block_n)
-    return _ALIGN + config.stages * stage + 16 * config.stages
+    return _ALIGN + config.stages * stage + staging_bytes(config.block_n, variant) + 16 * config.stages
 
 
 def generate(config: GemmConfig, variant: GemmVariant) -> KernelSource:
@@ -238,7 +272,7 @@ def generate(config: GemmConfig, variant: GemmVariant) -> KernelSource:
     subtiles = [(f"acc[{s}][4 * i + 2 * h]", f"acc[{s}][4 * i + 2 * h + 1]") for s in range(variant.b_subtiles)]
     cluster = f"__cluster_dims__({config.cluster_m}, 1, 1) " if config.cluster_m > 1 else ""
     body = (_BODY.replace("SIGNATURE", codegen.signature(entry, variant, OPERANDS, cluster))
-            .replace("STORE", codegen.store_call(variant, "row", "col", subtiles)))
+            .replace("STAGE\n", codegen.stage_call(variant, "address", "row", subtiles) + "\n"))
     code = "\n".join([
         codegen.constants(config, variant, threads=384, min_blocks=1),
         PRELUDE, _HELPERS, _wgmma_function(config.block_n), SCHEDULER, codegen.store_function(variant), body,
