@@ -139,7 +139,7 @@ def _device(array):
                                  bias=_f32(8)), "two best experts"),
     (lambda: xmoe.select_experts(_f32((2, 8)), 2, bias=_f32(7)), r"bias: expected"),
     (lambda: xmoe.select_experts(_f32((2, 8)), 2, scoring="relu"), "scoring='relu'"),
-    (lambda: xmoe.router(_bf16((4, 16)), _bf16((8, 8)), 2), r"x: expected \[tokens, 8\]"),
+    (lambda: xmoe.router(_bf16((4, 16)), _bf16((8, 8)), 2), r"x: expected bfloat16 \[tokens, 8\]"),
     (lambda: xmoe.router(_bf16((4, 16)), _f32((16, 8)), 2), "w_router: expected bfloat16"),
 ])
 def test_bad_input_raises(call, match):

@@ -40,10 +40,10 @@ def current_device() -> Device:
 @lru_cache(maxsize=None)
 def compile_kernel(code: str, entry: str, arch: str) -> Any:
     """The CuPy ``RawKernel`` ``entry`` of ``code`` built for ``arch`` (e.g. "sm_90a"), allowed
-    as much dynamic shared memory as the current device gives a block."""
+    as much dynamic shared memory as the current device gives a block beside its static one."""
     import cupy
 
     module = cupy.RawModule(code=code, options=("-std=c++17", f"-arch={arch}"))
     kernel = module.get_function(entry)
-    kernel.max_dynamic_shared_size_bytes = current_device().max_smem_per_block
+    kernel.max_dynamic_shared_size_bytes = current_device().max_smem_per_block - kernel.shared_size_bytes
     return kernel

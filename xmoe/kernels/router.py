@@ -17,11 +17,12 @@ import numpy as np
 
 from xmoe import reference
 from xmoe.event import current_stream
-from xmoe.interop import as_array, new_output, on_gpu, xp
+from xmoe.interop import Origin, as_array, new_output, on_gpu, poisoned, to_origin, xp
 from xmoe.kernels.cuda_c import PRELUDE
 
 MAX_EXPERTS = 1024
-_WARPS_PER_BLOCK = 4
+_WARPS_PER_BLOCK = 8
+_BLOCKS_PER_SM = 8
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,11 @@ __device__ __forceinline__ void lane_best(const float* values, int group, int sk
   }
 }
 
-extern "C" __global__ void select_experts(const float* __restrict__ logits, const float* __restrict__ bias,
-                                          long long* __restrict__ topk_idx, float* __restrict__ topk_weights,
-                                          int* __restrict__ counts, int tokens, float scaling) {
-  const int token = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+// One token, by one warp; its choices are counted in the block's ``counts``.
+__device__ __forceinline__ void route_token(int token, const float* __restrict__ logits, const float* __restrict__ bias,
+                                            long long* __restrict__ topk_idx, float* __restrict__ topk_weights,
+                                            int* counts, float scaling) {
   const int lane = threadIdx.x % 32;
-  if (token >= tokens) return;
   const float* row = logits + (size_t)token * EXPERTS;
   float score[VPT], choice[VPT];
   #pragma unroll
@@ -141,12 +141,28 @@ extern "C" __global__ void select_experts(const float* __restrict__ logits, cons
     const float weight = __shfl_sync(0xffffffffu, mine, index % 32);
     total += weight;
     if (lane == j) { my_index = index; my_weight = weight; }
-    if (lane == 0) atomicAdd(counts + index, 1);
+    if (lane == 0) atomicAdd(counts + index, 1);  // shared memory
   }
   if (lane < TOPK) {
     topk_idx[(size_t)token * TOPK + lane] = my_index;
     topk_weights[(size_t)token * TOPK + lane] = (RENORMALIZE ? my_weight / total : my_weight) * scaling;
   }
+}
+
+// Each warp routes tokens in a grid-stride loop; the block adds its expert counts to the
+// global ones once, at the end (per-choice global atomics on a few hundred counters contend).
+extern "C" __global__ void select_experts(const float* __restrict__ logits, const float* __restrict__ bias,
+                                          long long* __restrict__ topk_idx, float* __restrict__ topk_weights,
+                                          int* __restrict__ counts, int tokens, float scaling) {
+  __shared__ int block_counts[EXPERTS];
+  for (int e = threadIdx.x; e < EXPERTS; e += blockDim.x) block_counts[e] = 0;
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  for (int token = blockIdx.x * warps + threadIdx.x / 32; token < tokens; token += gridDim.x * warps)
+    route_token(token, logits, bias, topk_idx, topk_weights, block_counts, scaling);
+  __syncthreads();
+  for (int e = threadIdx.x; e < EXPERTS; e += blockDim.x)
+    if (block_counts[e]) atomicAdd(counts + e, block_counts[e]);
 }
 """
 
@@ -168,8 +184,10 @@ def _select_kernel(rule: RoutingRule) -> Any:
     return compile_kernel(select_source(rule), "select_experts", f"sm_{current_device().compute_capability}")
 
 
-def _rule(num_experts: int, num_topk: int, scoring: str, bias: Any, n_group: int | None, topk_group: int | None,
+@lru_cache(maxsize=256)
+def _rule(num_experts: int, num_topk: int, scoring: str, has_bias: bool, n_group: int | None, topk_group: int | None,
           renormalize: bool) -> RoutingRule:
+    """The checked rule (cached: it is on every call's path)."""
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"logits: {num_experts} experts, expected 1..{MAX_EXPERTS}")
     if scoring not in ("softmax", "sigmoid"):
@@ -182,14 +200,14 @@ def _rule(num_experts: int, num_topk: int, scoring: str, bias: Any, n_group: int
             raise ValueError(f"n_group={n_group}: must divide the {num_experts} experts and be at most 32")
         if not 1 <= topk_group <= n_group:
             raise ValueError(f"topk_group={topk_group}: expected 1..n_group={n_group}")
-        if bias is not None and num_experts // n_group < 2:
+        if has_bias and num_experts // n_group < 2:
             raise ValueError(f"n_group={n_group}: with a bias a group scores its two best experts, "
                              f"but groups have {num_experts // n_group}")
     eligible = topk_group * (num_experts // n_group) if n_group else num_experts
     if not 1 <= num_topk <= min(eligible, 32):
         raise ValueError(f"num_topk={num_topk}: expected 1..{min(eligible, 32)} (experts that can be chosen, "
                          "at most 32)")
-    return RoutingRule(num_experts, num_topk, scoring, bias is not None, n_group, topk_group, bool(renormalize))
+    return RoutingRule(num_experts, num_topk, scoring, has_bias, n_group, topk_group, bool(renormalize))
 
 
 def select_experts(
@@ -226,8 +244,15 @@ def select_experts(
     logits_array, origin = as_array(logits, "logits")
     if origin.dtype != "float32" or logits_array.ndim != 2:
         raise ValueError(f"logits: expected float32 [tokens, experts], got {origin.dtype} {tuple(logits_array.shape)}")
-    tokens, num_experts = logits_array.shape
-    rule = _rule(num_experts, num_topk, scoring, bias, n_group, topk_group, renormalize)
+    return _select(logits_array, origin, num_topk, scoring, bias, n_group, topk_group, renormalize, scaling)
+
+
+def _select(logits: Any, origin: Origin, num_topk: int, scoring: str, bias: Any, n_group: int | None,
+            topk_group: int | None, renormalize: bool, scaling: float, stream: Any = None) -> tuple[Any, Any, Any]:
+    """:func:`select_experts` on a backend array of logits; outputs in ``origin``'s framework, work
+    on ``stream`` (None: the caller's current stream)."""
+    tokens, num_experts = logits.shape
+    rule = _rule(num_experts, num_topk, scoring, bias is not None, n_group, topk_group, bool(renormalize))
     bias_array = None
     if bias is not None:
         bias_array, bias_origin = as_array(bias, "bias")
@@ -238,20 +263,46 @@ def select_experts(
     topk_weights, weights_finish = new_output((tokens, num_topk), np.float32, origin)
     counts, counts_finish = new_output(num_experts, np.int32, origin)
     if not on_gpu():
-        results = reference.select_experts(logits_array, num_topk, scoring, bias_array, rule.n_group or None,
+        results = reference.select_experts(logits, num_topk, scoring, bias_array, rule.n_group or None,
                                            rule.topk_group or None, renormalize, scaling)
         for out, result in zip((topk_idx, topk_weights, counts), results):
             out[...] = result
     else:
-        stream = current_stream(origin.framework)
-        with stream:
-            counts.fill(0)
-            if tokens:
-                blocks = -(-tokens // _WARPS_PER_BLOCK)
+        import cupy
+
+        stream = stream or current_stream(origin.framework)
+        cupy.cuda.runtime.memsetAsync(counts.data.ptr, 0, counts.nbytes, stream.ptr)
+        if tokens:
+            from xmoe.kernels.build import current_device
+
+            blocks = min(-(-tokens // _WARPS_PER_BLOCK), _BLOCKS_PER_SM * current_device().multiprocessors)
+            with stream:
                 _select_kernel(rule)((blocks,), (32 * _WARPS_PER_BLOCK,),
-                                     (logits_array, bias_array if bias_array is not None else logits_array,
+                                     (logits, bias_array if bias_array is not None else logits,
                                       topk_idx, topk_weights, counts, np.int32(tokens), np.float32(scaling)))
     return idx_finish(), weights_finish(), counts_finish()
+
+
+def _logits(x: Any, w_router: Any) -> tuple[Any, Origin, Any]:
+    """Router logits as a backend float32 array, the origin of ``x`` and the stream the work went
+    on (None on the simulator)."""
+    from xmoe.kernels.gemm import GemmVariant, Problem, gemm_into
+
+    x_array, origin = as_array(x, "x")
+    w_array, w_origin = as_array(w_router, "w_router")
+    if w_origin.dtype != "bfloat16" or w_array.ndim != 2 or w_array.shape[0] % 8 or w_array.shape[1] % 8:
+        raise ValueError(f"w_router: expected bfloat16 [hidden, experts], both multiples of 8, got {w_origin.dtype} "
+                         f"{tuple(w_array.shape)}")
+    if origin.dtype != "bfloat16" or x_array.ndim != 2 or x_array.shape[1] != w_array.shape[0]:
+        raise ValueError(f"x: expected bfloat16 [tokens, {w_array.shape[0]}] to match w_router, got {origin.dtype} "
+                         f"{tuple(x_array.shape)}")
+    tokens, (hidden, experts) = x_array.shape[0], w_array.shape
+    logits = poisoned(xp().empty((tokens, experts), np.float32))
+    problem = Problem(x_array, w_array.reshape(1, hidden, experts), logits, _single_group(tokens), None,
+                      tokens, experts, hidden, 1)
+    stream = current_stream(origin.framework) if on_gpu() else None
+    gemm_into(problem, GemmVariant("none", "kn", "f32"), stream)
+    return logits, origin, stream
 
 
 def router_logits(x: Any, w_router: Any) -> Any:
@@ -259,17 +310,13 @@ def router_logits(x: Any, w_router: Any) -> Any:
 
     Args:
         x: bfloat16 ``[tokens, hidden]``.
-        w_router: bfloat16 ``[hidden, experts]``, experts a multiple of 8.
-    """
-    from xmoe.kernels.gemm import grouped_gemm
+        w_router: bfloat16 ``[hidden, experts]``, both sizes multiples of 8.
 
-    x_array, _ = as_array(x, "x")
-    w_array, w_origin = as_array(w_router, "w_router")
-    if w_origin.dtype != "bfloat16" or w_array.ndim != 2:
-        raise ValueError(f"w_router: expected bfloat16 [hidden, experts], got {w_origin.dtype} {tuple(w_array.shape)}")
-    if x_array.ndim != 2 or x_array.shape[1] != w_array.shape[0]:
-        raise ValueError(f"x: expected [tokens, {w_array.shape[0]}] to match w_router, got {tuple(x_array.shape)}")
-    return grouped_gemm(x, w_router[None], _single_group(x_array.shape[0]), w_layout="kn", out_dtype="float32")
+    Returns:
+        The logits, the caller's tensor type.
+    """
+    logits, origin, _ = _logits(x, w_router)
+    return to_origin(logits, origin)
 
 
 @lru_cache(maxsize=64)
@@ -300,6 +347,5 @@ def router(
         ``(topk_idx int64 [tokens, k], topk_weights float32 [tokens, k], num_tokens_per_expert
         int32 [experts])``, the caller's tensor type.
     """
-    logits = router_logits(x, w_router)
-    return select_experts(logits, num_topk, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group,
-                          renormalize=renormalize, scaling=scaling)
+    logits, origin, stream = _logits(x, w_router)
+    return _select(logits, origin, num_topk, scoring, bias, n_group, topk_group, renormalize, scaling, stream)

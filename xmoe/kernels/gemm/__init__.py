@@ -22,7 +22,7 @@ from xmoe.kernels.gemm.tma import tensor_map
 from xmoe.kernels.gemm.autotune import Autotuner, shape_key
 from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
 
-__all__ = ["grouped_gemm", "candidates", "GemmConfig"]
+__all__ = ["GemmConfig", "GemmVariant", "Problem", "candidates", "gemm_into", "grouped_gemm"]
 
 _AUTOTUNER = Autotuner()
 _MAX_STAGES = 8
@@ -191,17 +191,21 @@ def grouped_gemm(
         a, w, offs, epilogue, row_weights, w_layout, out_dtype)
     bf16_out = variant.out_dtype == "bf16"
     out, finish = new_output((rows, n), np.uint16 if bf16_out else np.float32, origin, bf16_out)
-    if not on_gpu():
-        _reference_into(out, a_array, w_array, offs_array, weights_array, variant)
-        return finish()
-    if rows == 0:
-        return finish()
     problem = Problem(a_array, w_array, out, offs_array, weights_array, rows, n, k, groups)
-    stream = current_stream(origin.framework)
-    if config is None:
-        config = _choose(variant, problem, stream)
-    _launch(config, variant, problem, stream)
+    gemm_into(problem, variant, current_stream(origin.framework) if on_gpu() else None, config)
     return finish()
+
+
+def gemm_into(problem: Problem, variant: GemmVariant, stream: Any, config: GemmConfig | None = None) -> None:
+    """The grouped GEMM on checked backend arrays (``problem.out`` written), on ``stream``.
+
+    For callers inside xmoe that already hold backend arrays (the router); the public entry
+    is :func:`grouped_gemm`.
+    """
+    if not on_gpu():
+        _reference_into(problem, variant)
+    elif problem.rows:
+        _launch(config or _choose(variant, problem, stream), variant, problem, stream)
 
 
 _CHOSEN: dict[tuple, GemmConfig] = {}
@@ -234,13 +238,13 @@ def _choose(variant: GemmVariant, problem: Problem, stream: Any) -> GemmConfig:
     return _CHOSEN[memo]
 
 
-def _reference_into(out: np.ndarray, a: np.ndarray, w: np.ndarray, offs: np.ndarray, row_weights: Any,
-                    variant: GemmVariant) -> None:
+def _reference_into(problem: Problem, variant: GemmVariant) -> None:
     """The simulator's path: the NumPy reference, rounded to the output dtype."""
     from xmoe.interop import BFLOAT16
 
-    result = reference.grouped_gemm(a.view(BFLOAT16), w.view(BFLOAT16), offs, variant.epilogue, row_weights,
-                                    variant.b_layout)
+    a, offs, out = problem.a, problem.offs, problem.out
+    result = reference.grouped_gemm(a.view(BFLOAT16), problem.w.view(BFLOAT16), offs, variant.epilogue,
+                                    problem.row_weights, variant.b_layout)
     end = int(np.clip(offs[-1], 0, a.shape[0])) if len(offs) else 0
     if variant.out_dtype == "bf16":
         out[:end] = result[:end].astype(BFLOAT16).view(np.uint16)
