@@ -49,7 +49,9 @@ def store_function(variant: GemmVariant) -> str:
     else:
         store = "  *reinterpret_cast<float2*>(C + (size_t)row * N + col) = make_float2(v0, v1);\n"
         stage = '  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\\n" :: "r"(address), "f"(v0), "f"(v1));\n'
-    return (f"typedef {OUT_TYPES[variant.out_dtype]} out_t;\n"
+    pack = ("__device__ __forceinline__ u32 pack_pair(int row, int row_end, float v0, float v1"
+            f"{weights}) {{\n" + scale + "  return pack_bf16x2(v0, v1);\n}\n") if variant.out_dtype == "bf16" else ""
+    return (f"typedef {OUT_TYPES[variant.out_dtype]} out_t;\n" + pack +
             "__device__ __forceinline__ void store_pair(out_t* __restrict__ C, int N, int row, int row_end, int col,\n"
             f"                                           float v0, float v1{weights}) {{\n"
             "  if (row >= row_end || col >= N) return;\n" + scale + store + "}\n"
@@ -70,6 +72,13 @@ def store_call(variant: GemmVariant, row: str, col: str, subtile_values: list[tu
     v0, v1 = _values(variant, subtile_values)
     weights = ", row_weights" if variant.epilogue == "row_scale" else ""
     return f"store_pair(C, N, {row}, tile.row_end, {col}, {v0}, {v1}{weights});"
+
+
+def pack_call(variant: GemmVariant, row: str, subtile_values: list[tuple[str, str]]) -> str:
+    """A ``pack_pair`` expression: the pair after the epilogue, as two bfloat16 in a u32."""
+    v0, v1 = _values(variant, subtile_values)
+    weights = ", row_weights" if variant.epilogue == "row_scale" else ""
+    return f"pack_pair({row}, tile.row_end, {v0}, {v1}{weights})"
 
 
 def stage_call(variant: GemmVariant, address: str, row: str, subtile_values: list[tuple[str, str]]) -> str:

@@ -76,6 +76,11 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const TensorMap* map, u32 b
 __device__ __forceinline__ void bulk_store(void* dst, u32 src, u32 bytes) {
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" :: "l"(dst), "r"(src), "r"(bytes) : "memory");
 }
+// Four 8x8 bfloat16 matrices into shared memory; lanes 8i..8i+7 give matrix i's row addresses.
+__device__ __forceinline__ void stmatrix_x4(u32 address, const u32* r) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(address), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
 __device__ __forceinline__ void warpgroup_barrier(int id) {
   asm volatile("bar.sync %0, 128;\n" :: "r"(id) : "memory");
 }
@@ -199,15 +204,7 @@ SIGNATURE {
       const u32 staging = out_smem + math * OUT_STAGE_BYTES;
       if (wg_thread < 64) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
       warpgroup_barrier(1 + math);  // the previous tile's copies have read the staging rows
-      #pragma unroll
-      for (int i = 0; i < BLOCK_N / 8; ++i)
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = warp * 16 + lane / 4 + 8 * h;
-          const int row = tile.row_start + math * 64 + r;
-          const u32 address = staging + r * OUT_ROW_BYTES + (i * 8 + (lane % 4) * 2) * (int)sizeof(out_t);
-          STAGE
-        }
+STAGE_TILE
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // st.shared before the copy engine reads
       warpgroup_barrier(1 + math);
       if (wg_thread < 64) {
@@ -221,6 +218,40 @@ SIGNATURE {
   }
   if (CLUSTER_M > 1) cluster_sync();  // no CTA leaves while a peer may still write into it
 }
+"""
+
+
+def _stage_tile(variant: GemmVariant) -> str:
+    """The epilogue's writes of a warpgroup's accumulators into its staging rows: bfloat16 by
+    ``stmatrix`` (8-column chunks j and j+1 of the warp's 16 rows per instruction), fp32 by pairs."""
+    if variant.out_dtype == "bf16":
+        packs = "\n".join(
+            f"          packed[{q}] = "
+            + codegen.pack_call(variant, f"rows + {8 * (q % 2)}",
+                                [(f"acc[{s}][4 * (j + {q // 2}) + {2 * (q % 2)}]",
+                                  f"acc[{s}][4 * (j + {q // 2}) + {2 * (q % 2) + 1}]")
+                                 for s in range(variant.b_subtiles)]) + ";"
+            for q in range(4))
+        return f"""      #pragma unroll
+      for (int j = 0; j < BLOCK_N / 8; j += 2) {{
+        const int rows = tile.row_start + math * 64 + warp * 16 + lane / 4;  // and rows + 8
+        u32 packed[4];
+{packs}
+        const int matrix = lane / 8;
+        stmatrix_x4(staging + (warp * 16 + (matrix % 2) * 8 + lane % 8) * OUT_ROW_BYTES + (j + matrix / 2) * 16,
+                    packed);
+      }}
+"""
+    subtiles = [(f"acc[{s}][4 * i + 2 * h]", f"acc[{s}][4 * i + 2 * h + 1]") for s in range(variant.b_subtiles)]
+    return f"""      #pragma unroll
+      for (int i = 0; i < BLOCK_N / 8; ++i)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {{
+          const int r = warp * 16 + lane / 4 + 8 * h;
+          const int row = tile.row_start + math * 64 + r;
+          const u32 address = staging + r * OUT_ROW_BYTES + (i * 8 + (lane % 4) * 2) * (int)sizeof(out_t);
+          {codegen.stage_call(variant, "address", "row", subtiles)}
+        }}
 """
 
 
@@ -269,10 +300,9 @@ def generate(config: GemmConfig, variant: GemmVariant) -> KernelSource:
     if smem_bytes(config, variant) > SMEM_LIMIT:
         raise ValueError(f"{config.name}: {smem_bytes(config, variant)} bytes of shared memory, more than {SMEM_LIMIT}")
     entry = f"grouped_gemm_{config.name}_{variant.name}"
-    subtiles = [(f"acc[{s}][4 * i + 2 * h]", f"acc[{s}][4 * i + 2 * h + 1]") for s in range(variant.b_subtiles)]
     cluster = f"__cluster_dims__({config.cluster_m}, 1, 1) " if config.cluster_m > 1 else ""
     body = (_BODY.replace("SIGNATURE", codegen.signature(entry, variant, OPERANDS, cluster))
-            .replace("STAGE\n", codegen.stage_call(variant, "address", "row", subtiles) + "\n"))
+            .replace("STAGE_TILE\n", _stage_tile(variant)))
     code = "\n".join([
         codegen.constants(config, variant, threads=384, min_blocks=1),
         PRELUDE, _HELPERS, _wgmma_function(config.block_n), SCHEDULER, codegen.store_function(variant), body,
