@@ -19,12 +19,27 @@ def cupy_io():
     return cupy.asarray, lambda array: array.get()
 
 
-IO = {"torch": torch_io, "cupy": cupy_io}
+def jax_io():
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to NVSHMEM and the others
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)  # top-k ids are int64, as in DeepEP
+    from xmoe.interop import to_host
+
+    def jax_to_host(array):  # JAX results, or a handle's own (CuPy) arrays
+        return np.asarray(array) if isinstance(array, jax.Array) else to_host(array)
+
+    return jax.numpy.asarray, jax_to_host
+
+
+IO = {"torch": torch_io, "cupy": cupy_io, "jax": jax_io}
 RANKS = [pytest.param(2, marks=pytest.mark.mpi(ranks=2)), pytest.param(4, marks=pytest.mark.mpi(ranks=4))]
 
 
-@pytest.mark.parametrize("framework, dtype", [("torch", BFLOAT16), ("torch", np.float32), ("cupy", np.float32)],
-                         ids=["torch-bf16", "torch-f32", "cupy-f32"])
+@pytest.mark.parametrize("framework, dtype", [("torch", BFLOAT16), ("torch", np.float32), ("cupy", np.float32),
+                                             ("jax", BFLOAT16)],
+                         ids=["torch-bf16", "torch-f32", "cupy-f32", "jax-bf16"])
 @pytest.mark.parametrize("ranks", RANKS)
 def test_gpu_patterns(group, ranks, framework, dtype):
     """The CPU suite's routing patterns, on GPU tensors, one Buffer reused by every call."""

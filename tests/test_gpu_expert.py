@@ -98,3 +98,15 @@ def test_gpu_router_deepseek_shape():
     np.testing.assert_array_equal(to_host(got[0]), want[0])
     np.testing.assert_allclose(to_host(got[1]), want[1], rtol=1e-5)
     np.testing.assert_array_equal(to_host(got[2]), want[2])
+
+
+def test_gpu_jax_inputs():
+    """JAX device arrays in and out (DLPack): the grouped GEMM with SwiGLU and the selection."""
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the others
+    jnp = pytest.importorskip("jax.numpy")
+
+    check_grouped_gemm(jnp.asarray, np.asarray, seed=18, rows=300, n=64, k=128, groups=4, epilogue="swiglu")
+    check_select_experts(jnp.asarray, np.asarray, seed=19, tokens=200, experts=64, num_topk=4, n_group=4,
+                         topk_group=2)
