@@ -41,7 +41,9 @@ def __getattr__(name: str) -> Any:
         else:
             ensure_backend()
         module = _LAZY.get(name) or _LAZY_COMPUTE[name]
-        return getattr(importlib.import_module(module), name)
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip this function (it is on every call's path)
+        return value
     raise AttributeError(f"module 'xmoe' has no attribute {name!r}")
 
 

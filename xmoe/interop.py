@@ -146,7 +146,7 @@ def as_array(value: Any, name: str) -> tuple[Any, Origin]:
         array, dtype = value, str(value.dtype)
         if value.dtype == BFLOAT16:
             array = value.view(np.uint16)
-    return xp().ascontiguousarray(array), Origin(framework, dtype)
+    return (array if array.flags.c_contiguous else xp().ascontiguousarray(array)), Origin(framework, dtype)
 
 
 def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
