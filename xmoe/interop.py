@@ -29,7 +29,11 @@ class Origin:
 
 @lru_cache(maxsize=1)
 def on_gpu() -> bool:
-    """Whether kernels run on the GPU (fixed by ``xmoe.init()`` before Numba loads)."""
+    """Whether kernels run on the GPU (fixed by ``xmoe.init()`` before Numba loads, else the
+    default backend is fixed now)."""
+    from xmoe.runtime import ensure_backend
+
+    ensure_backend()
     from numba.cuda.core import config
 
     return not config.ENABLE_CUDASIM

@@ -52,6 +52,9 @@ def _numba_simulator_enabled() -> bool | None:
     return bool(config.ENABLE_CUDASIM)
 
 
+_selected_backend: str | None = None  # what select_backend fixed in this process
+
+
 def select_backend(name: str | None) -> str:
     """Fix the backend for this process and configure Numba for it.
 
@@ -69,13 +72,15 @@ def select_backend(name: str | None) -> str:
             f"XMOE_BACKEND={name} before importing numba"
         )
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1" if want_sim else "0"
+    global _selected_backend
+    _selected_backend = name
     return name
 
 
 def ensure_backend() -> None:
-    """Fix the default backend unless Numba already runs in one mode (functions with no
-    process group, such as the expert compute, need no ``init()``)."""
-    if _numba_simulator_enabled() is None:
+    """Fix the default backend unless one was chosen already or Numba already runs in one mode
+    (functions with no process group, such as the expert compute, need no ``init()``)."""
+    if _selected_backend is None and _numba_simulator_enabled() is None:
         select_backend(None)
 
 
