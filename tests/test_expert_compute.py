@@ -22,6 +22,15 @@ def test_grouped_gemm(pattern, epilogue, row_weights):
                        epilogue=epilogue, row_weights=row_weights, spare_rows=5)
 
 
+def test_grouped_gemm_without_groups_or_rows():
+    to_device, to_host = backend_io()
+    out = xmoe.grouped_gemm(to_device(np.ones((0, 16), BFLOAT16)), to_device(np.ones((2, 8, 16), BFLOAT16)), [0, 0])
+    assert to_host(out).shape == (0, 8)
+    out = xmoe.grouped_gemm(to_device(np.ones((4, 16), BFLOAT16)), to_device(np.ones((0, 8, 16), BFLOAT16)),
+                            to_device(np.zeros(0, np.int32)))
+    assert to_host(out).shape == (4, 8)
+
+
 def test_grouped_gemm_kn_float32_out():
     check_grouped_gemm(*backend_io(), seed=4, rows=70, n=24, k=48, groups=1, w_layout="kn", out_dtype="float32")
 
@@ -122,6 +131,7 @@ def _device(array):
     (lambda: xmoe.grouped_gemm(_bf16((8, 16)), _bf16((2, 8, 16)), [8]), r"offs: expected int32 \[2\]"),
     (lambda: xmoe.grouped_gemm(_bf16((8, 16)), _bf16((1, 8, 16)), _device(np.array([8], np.int64))), "offs: expected int32"),
     (lambda: xmoe.grouped_gemm(_bf16((8, 12)), _bf16((1, 8, 12)), [8]), "multiples of 8"),
+    (lambda: xmoe.grouped_gemm(_bf16((8, 16)), _bf16((1, 0, 16)), [8]), "N=0 must be positive"),
     (lambda: xmoe.grouped_gemm(_bf16((8, 16)), _bf16((1, 8, 16)), [8], epilogue="gelu"), "epilogue='gelu'"),
     (lambda: xmoe.grouped_gemm(_bf16((8, 16)), _bf16((1, 24, 16)), [8], epilogue="swiglu"), "multiples of 8"),
     (lambda: xmoe.grouped_gemm(_bf16((8, 16)), _bf16((1, 8, 16)), [8], row_weights=_device(np.ones(7, np.float32))),

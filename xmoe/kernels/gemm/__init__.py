@@ -18,9 +18,9 @@ from xmoe import reference
 from xmoe.event import current_stream
 from xmoe.interop import as_array, new_output, on_gpu, xp
 from xmoe.kernels.gemm import mma, wgmma
-from xmoe.kernels.gemm.tma import tensor_map
 from xmoe.kernels.gemm.autotune import Autotuner, shape_key
 from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
+from xmoe.kernels.gemm.tma import tensor_map
 
 __all__ = ["GemmConfig", "GemmVariant", "Problem", "candidates", "gemm_into", "grouped_gemm"]
 
@@ -63,6 +63,7 @@ def candidates(variant: GemmVariant, compute_capability: int) -> tuple[GemmConfi
 
 @lru_cache(maxsize=None)
 def kernel_source(config: GemmConfig, variant: GemmVariant) -> KernelSource:
+    """The generated CUDA C of one configuration of ``variant``."""
     return (wgmma if config.kernel == "wgmma" else mma).generate(config, variant)
 
 
@@ -105,7 +106,8 @@ def _launch(config: GemmConfig, variant: GemmVariant, problem: Problem, stream: 
         kernel((grid,), (source.threads,), args, shared_mem=smem)
 
 
-def _checked(a: Any, w: Any, offs: Any, epilogue: str, row_weights: Any, w_layout: str, out_dtype: str):
+def _checked(a: Any, w: Any, offs: Any, epilogue: str, row_weights: Any, w_layout: str, out_dtype: str) -> tuple:
+    """The arguments of :func:`grouped_gemm` as backend arrays and sizes, checked."""
     if epilogue not in ("none", "swiglu"):
         raise ValueError(f"epilogue={epilogue!r}: expected 'none' or 'swiglu'")
     if w_layout not in ("nk", "kn"):
@@ -129,7 +131,7 @@ def _checked(a: Any, w: Any, offs: Any, epilogue: str, row_weights: Any, w_layou
     if epilogue == "swiglu" and w_n % 2:
         raise ValueError(f"w: SwiGLU needs gate and up rows, an even N, got {w_n}")
     n = w_n // 2 if epilogue == "swiglu" else w_n
-    if k == 0 or k % 8 or n % 8:
+    if k == 0 or n == 0 or k % 8 or n % 8:
         raise ValueError(f"w: K={k} and N={n} must be positive multiples of 8 (16-byte rows)")
     offs_array = _offsets(offs, groups)
     weights_array = None
@@ -204,7 +206,7 @@ def gemm_into(problem: Problem, variant: GemmVariant, stream: Any, config: GemmC
     """
     if not on_gpu():
         _reference_into(problem, variant)
-    elif problem.rows:
+    elif problem.rows and problem.groups:
         _launch(config or _choose(variant, problem, stream), variant, problem, stream)
 
 
