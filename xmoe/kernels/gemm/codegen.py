@@ -30,33 +30,52 @@ def signature(entry: str, variant: GemmVariant, operands: str = POINTER_OPERANDS
     """``A`` bf16 [M, K]; ``B`` bf16 [groups, B_SUBTILES * N, K] ("nk") or [groups, K, B_SUBTILES * N]
     ("kn"), as pointers or as ``operands`` (tensor maps); ``C`` [M, N]; ``offs`` int32 [groups],
     the cumulative end row of each group."""
-    weights = ", const float* __restrict__ row_weights" if variant.epilogue == "row_scale" else ""
     return (f'extern "C" __global__ void {attributes}__launch_bounds__(THREADS, MIN_BLOCKS) {entry}(\n'
             f"    {operands}, out_t* __restrict__ C,\n"
-            f"    const int* __restrict__ offs, int groups, int M, int N, int K{weights})")
+            f"    const int* __restrict__ offs, int groups, int M, int N, int K{_weights_parameter(variant)})")
+
+
+def _weights_parameter(variant: GemmVariant) -> str:
+    return ", const float* __restrict__ row_weights" if variant.epilogue == "row_scale" else ""
+
+
+def _weights_argument(variant: GemmVariant) -> str:
+    return ", row_weights" if variant.epilogue == "row_scale" else ""
+
+
+def _row_scale(variant: GemmVariant) -> str:
+    """Device code multiplying ``v0``/``v1`` by their row's weight (rows past the tile's end,
+    whose values are never written out, read no weight)."""
+    if variant.epilogue != "row_scale":
+        return ""
+    return "  const float w = row < row_end ? row_weights[row] : 0.0f;\n  v0 *= w; v1 *= w;\n"
 
 
 def store_function(variant: GemmVariant) -> str:
-    """Two adjacent output columns of one row after the epilogue: ``store_pair`` writes them to
-    C (guarded by the row range and N), ``stage_pair`` to a shared-memory address (rows past
-    the tile's end are staged but never copied out)."""
-    weights = ", const float* __restrict__ row_weights" if variant.epilogue == "row_scale" else ""
-    scale = ("  const float w = row < row_end ? row_weights[row] : 0.0f;\n  v0 *= w; v1 *= w;\n"
-             if variant.epilogue == "row_scale" else "")
+    """``store_pair``: two adjacent output columns of one row after the epilogue, written to C
+    (guarded by the row range and N)."""
     if variant.out_dtype == "bf16":
         store = "  *reinterpret_cast<u32*>(C + (size_t)row * N + col) = pack_bf16x2(v0, v1);\n"
-        stage = '  asm volatile("st.shared.b32 [%0], %1;\\n" :: "r"(address), "r"(pack_bf16x2(v0, v1)));\n'
     else:
         store = "  *reinterpret_cast<float2*>(C + (size_t)row * N + col) = make_float2(v0, v1);\n"
-        stage = '  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\\n" :: "r"(address), "f"(v0), "f"(v1));\n'
-    pack = ("__device__ __forceinline__ u32 pack_pair(int row, int row_end, float v0, float v1"
-            f"{weights}) {{\n" + scale + "  return pack_bf16x2(v0, v1);\n}\n") if variant.out_dtype == "bf16" else ""
-    return (f"typedef {OUT_TYPES[variant.out_dtype]} out_t;\n" + pack +
+    return (f"typedef {OUT_TYPES[variant.out_dtype]} out_t;\n"
             "__device__ __forceinline__ void store_pair(out_t* __restrict__ C, int N, int row, int row_end, int col,\n"
-            f"                                           float v0, float v1{weights}) {{\n"
-            "  if (row >= row_end || col >= N) return;\n" + scale + store + "}\n"
-            "__device__ __forceinline__ void stage_pair(u32 address, int row, int row_end, float v0, float v1"
-            f"{weights}) {{\n" + scale + stage + "}\n")
+            f"                                           float v0, float v1{_weights_parameter(variant)}) {{\n"
+            "  if (row >= row_end || col >= N) return;\n" + _row_scale(variant) + store + "}\n")
+
+
+def stage_function(variant: GemmVariant) -> str:
+    """Two adjacent output columns after the epilogue, for staging in shared memory: bfloat16
+    as ``pack_pair`` (a u32 for ``stmatrix``), fp32 as ``stage_pair`` (stored at an address)."""
+    weights = _weights_parameter(variant)
+    if variant.out_dtype == "bf16":
+        function = ("__device__ __forceinline__ u32 pack_pair(int row, int row_end, float v0, float v1"
+                    f"{weights}) {{\n" + _row_scale(variant) + "  return pack_bf16x2(v0, v1);\n}\n")
+    else:
+        function = ("__device__ __forceinline__ void stage_pair(u32 address, int row, int row_end, float v0, "
+                    f"float v1{weights}) {{\n" + _row_scale(variant)
+                    + '  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\\n" :: "r"(address), "f"(v0), "f"(v1));\n}\n')
+    return f"typedef {OUT_TYPES[variant.out_dtype]} out_t;\n" + function
 
 
 def _values(variant: GemmVariant, subtile_values: list[tuple[str, str]]) -> tuple[str, str]:
@@ -70,19 +89,16 @@ def _values(variant: GemmVariant, subtile_values: list[tuple[str, str]]) -> tupl
 def store_call(variant: GemmVariant, row: str, col: str, subtile_values: list[tuple[str, str]]) -> str:
     """One ``store_pair`` call; ``subtile_values`` holds the (v0, v1) accumulators of each B subtile."""
     v0, v1 = _values(variant, subtile_values)
-    weights = ", row_weights" if variant.epilogue == "row_scale" else ""
-    return f"store_pair(C, N, {row}, tile.row_end, {col}, {v0}, {v1}{weights});"
+    return f"store_pair(C, N, {row}, tile.row_end, {col}, {v0}, {v1}{_weights_argument(variant)});"
 
 
 def pack_call(variant: GemmVariant, row: str, subtile_values: list[tuple[str, str]]) -> str:
     """A ``pack_pair`` expression: the pair after the epilogue, as two bfloat16 in a u32."""
     v0, v1 = _values(variant, subtile_values)
-    weights = ", row_weights" if variant.epilogue == "row_scale" else ""
-    return f"pack_pair({row}, tile.row_end, {v0}, {v1}{weights})"
+    return f"pack_pair({row}, tile.row_end, {v0}, {v1}{_weights_argument(variant)})"
 
 
 def stage_call(variant: GemmVariant, address: str, row: str, subtile_values: list[tuple[str, str]]) -> str:
     """One ``stage_pair`` call, as :func:`store_call` but into shared memory at ``address``."""
     v0, v1 = _values(variant, subtile_values)
-    weights = ", row_weights" if variant.epilogue == "row_scale" else ""
-    return f"stage_pair({address}, {row}, tile.row_end, {v0}, {v1}{weights});"
+    return f"stage_pair({address}, {row}, tile.row_end, {v0}, {v1}{_weights_argument(variant)});"

@@ -305,6 +305,6 @@ def generate(config: GemmConfig, variant: GemmVariant) -> KernelSource:
             .replace("STAGE_TILE\n", _stage_tile(variant)))
     code = "\n".join([
         codegen.constants(config, variant, threads=384, min_blocks=1),
-        PRELUDE, _HELPERS, _wgmma_function(config.block_n), SCHEDULER, codegen.store_function(variant), body,
+        PRELUDE, _HELPERS, _wgmma_function(config.block_n), SCHEDULER, codegen.stage_function(variant), body,
     ])
     return KernelSource(code, entry, 384, smem_bytes(config, variant), "sm_90a")
