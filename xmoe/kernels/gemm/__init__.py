@@ -18,7 +18,7 @@ from xmoe import reference
 from xmoe.event import current_stream
 from xmoe.interop import as_array, new_output, on_gpu, xp
 from xmoe.kernels.gemm import mma, wgmma
-from xmoe.kernels.gemm.autotune import Autotuner, shape_key
+from xmoe.kernels.gemm.autotune import Autotuner, row_bucket, shape_key
 from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
 from xmoe.kernels.gemm.tma import tensor_map
 
@@ -218,8 +218,7 @@ def _choose(variant: GemmVariant, problem: Problem, stream: Any) -> GemmConfig:
     import cupy
 
     device_index = cupy.cuda.runtime.getDevice()
-    bucket = 1 << max(problem.rows - 1, 0).bit_length()
-    memo = (variant, bucket, problem.n, problem.k, problem.groups, device_index)
+    memo = (variant, row_bucket(problem.rows), problem.n, problem.k, problem.groups, device_index)
     if memo in _CHOSEN:
         return _CHOSEN[memo]
     from xmoe.kernels.build import device

@@ -21,9 +21,13 @@ def cache_path() -> Path:
     return Path(os.environ.get("XMOE_CACHE_DIR", Path.home() / ".cache" / "xmoe")) / "gemm_autotune.json"
 
 
+def row_bucket(rows: int) -> int:
+    """``rows`` rounded up to a power of two: shapes in one bucket share a choice."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def shape_key(device: str, variant: str, rows: int, n: int, k: int, groups: int) -> str:
-    bucket = 1 << max(rows - 1, 0).bit_length()
-    return f"{device}|{variant}|M{bucket}|N{n}|K{k}|G{groups}"
+    return f"{device}|{variant}|M{row_bucket(rows)}|N{n}|K{k}|G{groups}"
 
 
 class Autotuner:
