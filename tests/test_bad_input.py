@@ -86,7 +86,7 @@ def test_capacity_too_small(group, inputs):
     import xmoe
 
     small = xmoe.Buffer(group, 1024)
-    with pytest.raises(ValueError, match=r"num_nvl_bytes=1024 is too small .* needs 2048 bytes \(Buffer.get_nvl_size_hint\)"):
+    with pytest.raises(ValueError, match=r"num_nvl_bytes=1024 is too small .* needs 2304 bytes \(Buffer.get_nvl_size_hint\)"):
         small.dispatch(**inputs)
     small.destroy()
 

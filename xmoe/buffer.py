@@ -8,6 +8,7 @@ the value of the signals, so the block is reused call after call with no reset.
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -15,34 +16,43 @@ import numpy as np
 
 from xmoe import runtime
 from xmoe.comm import get_heap
-from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, transport
+from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, STATUS_ERROR, STATUS_INFO, STATUS_READY, transport
 from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import BFLOAT16, Origin, as_array, new_output, on_gpu, poisoned, to_host, xp
+from xmoe.interop import BFLOAT16, DeviceArray, HostWords, Origin, as_array, new_output, on_gpu, to_host, xp
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
+from xmoe.kernels.dispatch import launch_dispatch_receive, launch_dispatch_send, launch_notify
 from xmoe.kernels.launch import static_arg
-from xmoe.kernels.dispatch import (
-    launch_dispatch_copy_out,
-    launch_dispatch_send,
-    launch_dispatch_wait,
-    wait_info_length,
-)
-from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
+from xmoe.layout.dispatch import MAX_LOCAL_EXPERTS, check_threads, launch_dispatch_layout
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
 PAYLOAD_DTYPES = ("float32", "bfloat16")
 
 
-def _empty(shape: tuple[int, ...] | int, dtype: Any) -> Any:
-    """A working array of the backend (poisoned under ``XMOE_POISON=1``)."""
-    return poisoned(xp().empty(shape, dtype))
+#: How long the host waits for a notify kernel beyond the call's own timeout (the kernel
+#: may sit behind earlier work on the stream).
+NOTIFY_GRACE_S = 60.0
+
+
+def _empty(shape: tuple[int, ...] | int, dtype: Any, origin: Origin) -> Any:
+    """A working array for the kernels, from PyTorch's allocator for PyTorch callers (CuPy's
+    ``empty`` costs ~25 us of host time a call on the device machine), poisoned under
+    ``XMOE_POISON=1``."""
+    return new_output(shape, dtype, origin, raw=True)[0]
+
+
+@lru_cache(maxsize=64)
+def _no_columns(rows: int, dtype: type) -> Any:
+    """A ``[rows, 0]`` backend array: the top-k arguments of a call without top-k."""
+    return xp().empty((rows, 0), dtype)
 
 
 class DispatchHandle(NamedTuple):
     """What combine and a cached dispatch need from a dispatch (``handle[0]`` as in DeepEP).
 
-    ``rank_prefix_matrix`` is a host NumPy array; the other arrays live with the kernels
-    (NumPy on the simulator, CuPy on the GPU).
+    ``rank_prefix_matrix`` and ``num_tokens_per_rank`` are host NumPy arrays; the other
+    arrays live with the kernels (NumPy on the simulator; CuPy, or the caller's PyTorch
+    tensors, on the GPU).
 
     Attributes:
         rank_prefix_matrix: int32 ``[ranks, ranks]``, ``[i][j]`` = tokens sent to rank j by ranks 0..i.
@@ -53,6 +63,7 @@ class DispatchHandle(NamedTuple):
         recv_offsets: int32 ``[ranks + 1]``, first received row of each source rank.
         num_recv_tokens_per_expert_list: tokens received per local expert, padded to the alignment.
         num_local_experts: experts per rank.
+        max_recv_per_source: the most tokens one source rank sent here (what combine sends back).
     """
 
     rank_prefix_matrix: np.ndarray
@@ -63,13 +74,19 @@ class DispatchHandle(NamedTuple):
     recv_offsets: Any
     num_recv_tokens_per_expert_list: list[int]
     num_local_experts: int
+    max_recv_per_source: int
+
+
+@lru_cache(maxsize=None)
+def _dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
 
 
 def _check_array(array: Any, origin: Origin, name: str, dtype: Any, shape: tuple[int | None, ...]) -> None:
     """``ValueError`` naming ``name`` unless ``array`` has ``dtype`` and ``shape`` (None: any size)."""
-    if origin.dtype != np.dtype(dtype).name:
-        raise ValueError(f"{name}: expected dtype {np.dtype(dtype).name}, got {origin.dtype}")
-    if array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
+    if origin.dtype != _dtype_name(dtype):
+        raise ValueError(f"{name}: expected dtype {_dtype_name(dtype)}, got {origin.dtype}")
+    if len(array.shape) != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
         wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {wanted}, got {list(array.shape)}")
 
@@ -81,14 +98,21 @@ def _check_payload(array: Any, origin: Origin, name: str, rows: int | None = Non
 
 
 def _data_pointer(array: Any) -> int:
+    if type(array) is DeviceArray:
+        return array.ptr
     return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
+
+
+_WORDS = {w: np.dtype(f"u{w}") for w in (8, 4, 2, 1)}
 
 
 def _as_words(payload: Any) -> Any:
     """The rows of ``payload`` ``[rows, hidden]`` as the widest unsigned words that divide a row."""
     row_bytes = payload.shape[1] * payload.itemsize
     word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and _data_pointer(payload) % w == 0)
-    return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(np.dtype(f"u{word}"))
+    if type(payload) is DeviceArray:
+        return DeviceArray(payload.ptr, (payload.shape[0], row_bytes // word), _WORDS[word], payload.owner)
+    return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(_WORDS[word])
 
 
 @lru_cache(maxsize=64)
@@ -125,7 +149,11 @@ class Buffer:
         self._block = get_heap(group).alloc(self.num_nvl_bytes)
         self._seq = 0
         self._done_counter = xp().zeros(1, np.int32)
+        self._rank_counts = xp().empty(self.num_ranks, np.int32)
+        self._no_counts = xp().zeros(0, np.int32)
+        self._status = HostWords(STATUS_INFO + self.num_ranks * self.num_ranks + MAX_LOCAL_EXPERTS)
         self._failure: str | None = None
+        self._last_call = ("dispatch", 0.0)  # what a late error report names: the call and its timeout
         self._views: dict[tuple[int, int, int, int], dict[str, Any]] = {}
         self._comm_stream = None
 
@@ -152,6 +180,9 @@ class Buffer:
         runtime.get_group()
         if self._block is None:
             raise RuntimeError("this Buffer was destroyed")
+        code = int(self._status.host[STATUS_ERROR])
+        if code and self._failure is None:
+            self._failure = self._error_message(code, *self._last_call)
         if self._failure is not None:
             raise RuntimeError(f"this Buffer is unusable after an earlier failure ({self._failure}); create a new Buffer")
 
@@ -170,17 +201,16 @@ class Buffer:
             )
         return layout
 
-    def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype, element: np.dtype) -> dict[str, Any]:
-        """Peer tuples and local views of half ``parity``; the payload as words and as elements,
-        packed once for the kernels."""
-        key = (id(layout), parity, np.dtype(word).itemsize, np.dtype(element).num)
+    def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype) -> dict[str, Any]:
+        """Peer tuples and local views of half ``parity``, the payload as ``word``-sized
+        integers, packed once for the kernels."""
+        key = (id(layout), parity, word.itemsize)
         fields = self._views.get(key)
         if fields is None:
             peers = [layout.views(block, parity) for block in self._block.peers]
             fields = {name: static_arg(tuple(p[name] for p in peers)) for name in layout.fields}
             fields["x_words"] = static_arg(tuple(p["x"].view(word) for p in peers))
-            local = dict(peers[self.rank], x_words=peers[self.rank]["x"].view(word),
-                         x_elements=peers[self.rank]["x"].view(element))
+            local = dict(peers[self.rank], x_words=peers[self.rank]["x"].view(word))
             fields["local"] = {name: static_arg(view) for name, view in local.items()}
             self._views[key] = fields
         return fields
@@ -195,14 +225,33 @@ class Buffer:
             self._comm_stream = cupy.cuda.Stream(non_blocking=True)
         return StreamPlan(framework, self._comm_stream, previous_event, async_finish)
 
-    def _next_call(self) -> tuple[int, int]:
+    def _next_call(self, what: str, config: Config) -> tuple[int, int]:
         self._seq += 1
+        self._last_call = (what, config.timeout_s)
         return self._seq, self._seq % 2
 
-    def _check_errors(self, code: int, what: str, timeout_s: float) -> None:
-        """Raise, and retire this Buffer, when a kernel's error ``code`` is not 0."""
-        if code == 0:
-            return
+    def _raise_on_error(self) -> None:
+        """Raise, and retire this Buffer, when a kernel has left an error code in the status words
+        (the simulator's kernels have finished when this runs; on the GPU a later call sees it)."""
+        code = int(self._status.host[STATUS_ERROR])
+        if code:
+            self._failure = self._error_message(code, *self._last_call)
+            raise RuntimeError(self._failure)
+
+    def _wait_for_notify(self, seq: int, timeout_s: float) -> None:
+        """Spin until the notify kernel of call ``seq`` has left its counts in the status words."""
+        status = self._status.host
+        if status[STATUS_READY] != seq:
+            start = time.perf_counter()
+            deadline = start + timeout_s + NOTIFY_GRACE_S
+            while status[STATUS_READY] != seq:
+                if time.perf_counter() > deadline:
+                    self._failure = f"dispatch: the notify kernel did not finish within {timeout_s + NOTIFY_GRACE_S} s"
+                    raise RuntimeError(self._failure)
+            StreamPlan.waited_s += time.perf_counter() - start
+        self._raise_on_error()
+
+    def _error_message(self, code: int, what: str, timeout_s: float) -> str:
         if code >= ERR_MISMATCH:
             peer = code - ERR_MISMATCH
             message = (
@@ -212,8 +261,7 @@ class Buffer:
         else:
             peer = code - ERR_TIMEOUT
             message = f"{what}: rank {peer} never arrived within {timeout_s} s (did every rank call {what}?)"
-        self._failure = message
-        raise RuntimeError(message)
+        return message
 
     def _num_local_experts(self, num_experts: Any) -> int:
         if not isinstance(num_experts, (int, np.integer)) or num_experts <= 0:
@@ -297,59 +345,66 @@ class Buffer:
         """
         self._check_usable()
         config = self._config(config)
-        payload, origin = as_array(x, "x")
+        payload, origin = as_array(x, "x", raw=True)
         _check_payload(payload, origin, "x")
         num_tokens = payload.shape[0]
-        plan = self._plan(origin.framework, previous_event, async_finish)
+        ranks = self.num_ranks
         if handle is not None:
-            routing = self._cached_routing(handle, num_tokens, num_tokens_per_rank, is_token_in_rank,
-                                           num_tokens_per_expert, topk_idx, topk_weights)
+            self._check_cached(handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                               topk_idx, topk_weights)
+            num_local_experts = handle.num_local_experts
+            idx, weights = _no_columns(num_tokens, np.int64), _no_columns(num_tokens, np.float32)
         else:
-            routing = self._new_routing(num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                                        topk_idx, topk_weights, expert_alignment, config, plan)
-        in_rank, send_slot, send_counts, expert_counts, idx, weights = routing
-        num_local_experts = expert_counts.shape[0] // self.num_ranks
+            in_rank, expert_counts, idx, weights = self._routing(num_tokens, num_tokens_per_rank, is_token_in_rank,
+                                                                 num_tokens_per_expert, topk_idx, topk_weights,
+                                                                 expert_alignment, config)
+            num_local_experts = expert_counts.shape[0] // ranks
+        plan = self._plan(origin.framework, previous_event, async_finish)
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self._layout(row_bytes, idx.shape[1], num_local_experts, num_tokens, "dispatch")
         words = _as_words(payload)
-        seq, parity = self._next_call()
-        fields = self._fields(layout, parity, words.dtype, payload.dtype)
+        seq, parity = self._next_call("dispatch", config)
+        fields = self._fields(layout, parity, words.dtype)
         local = fields["local"]
+        writes = transport(config.force_put)
+        timeout_ns = int(config.timeout_s * 1e9)
+        if handle is None:
+            send_slot = _empty((num_tokens, ranks), np.int32, origin)
+            recv_offsets = _empty(ranks + 1, np.int32, origin)
+            launch_notify(
+                writes, config.num_threads, plan.pointer, in_rank, expert_counts, send_slot, self._rank_counts,
+                fields["meta"], local["meta"], fields["notify_signals"], local["notify_signals"], self.rank, seq,
+                row_bytes, idx.shape[1], timeout_ns, self._done_counter, recv_offsets, self._status.device,
+            )
+        else:
+            send_slot, recv_offsets = handle.send_slot, handle.recv_offsets
         launch_dispatch_send(
-            transport(config.force_put), config.num_sms, config.num_threads, plan.pointer, words, idx, weights,
-            send_slot, send_counts, expert_counts, fields["x_words"], local["x_words"], fields["src_idx"],
+            writes, config.num_sms, config.num_threads, plan.pointer, words, idx, weights, send_slot,
+            num_local_experts, self._no_counts, fields["x_words"], local["x_words"], fields["src_idx"],
             local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"], local["topk_weights"],
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             self._done_counter,
         )
-        ranks = self.num_ranks
-        info = _empty(wait_info_length(ranks, num_local_experts), np.int32)
-        launch_dispatch_wait(
-            config.num_threads, plan.pointer, local["signals"], local["meta"], self.rank, seq, row_bytes, idx.shape[1],
-            int(config.timeout_s * 1e9), info,
-        )
-        plan.synchronize()
-        host_info = to_host(info)
-        self._check_errors(int(host_info[0]), "dispatch", config.timeout_s)
-        counts = host_info[1 : 1 + ranks * ranks].reshape(ranks, ranks)
-        recv_per_expert = host_info[1 + ranks * ranks : 1 + ranks * ranks + num_local_experts]
-        recv_offsets = info[-(ranks + 1):]
-        num_recv = int(host_info[-1])
-        bf16 = origin.dtype == "bfloat16"
-        recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin, bf16)
-        recv_src_idx = _empty(num_recv, np.int32)
-        recv_idx, recv_idx_out = new_output((num_recv, idx.shape[1]), np.int64, origin)
-        recv_weights, recv_weights_out = new_output((num_recv, idx.shape[1]), np.float32, origin)
-        launch_dispatch_copy_out(
-            config.num_sms, config.num_threads, plan.pointer, local["x_words"], local["src_idx"], local["topk_idx"],
-            local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx, recv_weights,
-        )
         if handle is None:
-            alignment = int(expert_alignment)
-            per_expert = [int(-(-int(c) // alignment) * alignment) for c in recv_per_expert]
-            handle = DispatchHandle(np.cumsum(counts, axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
-                                    send_counts, recv_offsets, per_expert, num_local_experts)
+            self._wait_for_notify(seq, config.timeout_s)
+            handle = self._new_handle(in_rank, send_slot, recv_offsets, int(expert_alignment), num_local_experts,
+                                      origin)
+        num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
+        hidden = payload.shape[1]
+        recv_x, recv_x_out = new_output((num_recv, hidden), payload.dtype, origin, origin.dtype == "bfloat16", raw=True)
         has_topk = topk_idx is not None
+        if has_topk:
+            recv_idx, recv_idx_out = new_output((num_recv, idx.shape[1]), np.int64, origin, raw=True)
+            recv_weights, recv_weights_out = new_output((num_recv, idx.shape[1]), np.float32, origin, raw=True)
+        else:
+            recv_idx, recv_weights = _no_columns(num_recv, np.int64), _no_columns(num_recv, np.float32)
+        launch_dispatch_receive(
+            config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes,
+            num_local_experts, timeout_ns, self._status.device, local["x_words"], local["src_idx"],
+            local["topk_idx"], local["topk_weights"], recv_offsets, _as_words(recv_x), handle.recv_src_idx, recv_idx,
+            recv_weights,
+        )
+        self._raise_on_error()
         return (
             recv_x_out(),
             recv_idx_out() if has_topk else None,
@@ -359,8 +414,23 @@ class Buffer:
             plan.finish(),
         )
 
-    def _cached_routing(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                        topk_idx, topk_weights):
+    def _new_handle(self, in_rank: Any, send_slot: Any, recv_offsets: Any, alignment: int, num_local_experts: int,
+                    origin: Origin) -> DispatchHandle:
+        """The handle of a dispatch whose notify kernel has left its counts in the status words."""
+        ranks = self.num_ranks
+        info = self._status.host
+        counts = info[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()  # row = source
+        per_expert = info[STATUS_INFO + ranks * ranks : STATUS_INFO + ranks * ranks + num_local_experts]
+        if alignment > 1:
+            per_expert = -(-per_expert // alignment) * alignment
+        prefix = counts.cumsum(axis=0, dtype=np.int32)
+        received = counts[:, self.rank]
+        return DispatchHandle(prefix, _empty(int(received.sum()), np.int32, origin), in_rank, send_slot,
+                              counts[self.rank], recv_offsets, per_expert.tolist(), num_local_experts,
+                              int(received.max()))
+
+    def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                      topk_idx, topk_weights) -> None:
         if not isinstance(handle, DispatchHandle):
             raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
         passed = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
@@ -372,13 +442,11 @@ class Buffer:
         if handle.is_token_in_rank.shape != (num_tokens, self.num_ranks):
             raise ValueError(f"x: {num_tokens} tokens, but the handle routes {handle.is_token_in_rank.shape[0]} tokens "
                              f"over {handle.is_token_in_rank.shape[1]} ranks")
-        arrays = xp()
-        return (handle.is_token_in_rank, handle.send_slot, handle.num_tokens_per_rank,
-                arrays.zeros(handle.num_local_experts * self.num_ranks, np.int32),
-                _empty((num_tokens, 0), np.int64), _empty((num_tokens, 0), np.float32))
 
-    def _new_routing(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                     topk_weights, expert_alignment, config, plan):
+    def _routing(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                 topk_weights, expert_alignment, config):
+        """The routing arguments of a non-cached dispatch, checked: ``(is_token_in_rank,
+        num_tokens_per_expert, topk_idx, topk_weights)`` as kernel arrays."""
         missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
                                             ("is_token_in_rank", is_token_in_rank),
                                             ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
@@ -386,31 +454,30 @@ class Buffer:
             raise ValueError(f"{', '.join(missing)}: required without handle= (from get_dispatch_layout)")
         if not isinstance(expert_alignment, (int, np.integer)) or expert_alignment < 1:
             raise ValueError(f"expert_alignment={expert_alignment!r}: must be an int >= 1")
+        check_threads(config.num_threads)
         ranks = self.num_ranks
-        arrays = xp()
-        per_rank, origin = as_array(num_tokens_per_rank, "num_tokens_per_rank")
+        per_rank, origin = as_array(num_tokens_per_rank, "num_tokens_per_rank", raw=True)
         _check_array(per_rank, origin, "num_tokens_per_rank", np.int32, (ranks,))
-        in_rank, origin = as_array(is_token_in_rank, "is_token_in_rank")
+        in_rank, origin = as_array(is_token_in_rank, "is_token_in_rank", raw=True)
         _check_array(in_rank, origin, "is_token_in_rank", np.bool_, (num_tokens, ranks))
-        expert_counts, origin = as_array(num_tokens_per_expert, "num_tokens_per_expert")
+        expert_counts, origin = as_array(num_tokens_per_expert, "num_tokens_per_expert", raw=True)
         _check_array(expert_counts, origin, "num_tokens_per_expert", np.int32, (None,))
-        self._num_local_experts(expert_counts.shape[0])
+        if self._num_local_experts(expert_counts.shape[0]) > MAX_LOCAL_EXPERTS:
+            raise ValueError(f"num_tokens_per_expert: at most {MAX_LOCAL_EXPERTS} experts per rank, got "
+                             f"{expert_counts.shape[0] // ranks}")
         if topk_idx is not None:
-            idx, origin = as_array(topk_idx, "topk_idx")
+            idx, origin = as_array(topk_idx, "topk_idx", raw=True)
             _check_array(idx, origin, "topk_idx", np.int64, (num_tokens, None))
         else:
-            idx = _empty((num_tokens, 0), np.int64)
+            idx = _no_columns(num_tokens, np.int64)
         if topk_weights is not None:
             if topk_idx is None:
                 raise ValueError("topk_weights: passed without topk_idx")
-            weights, origin = as_array(topk_weights, "topk_weights")
+            weights, origin = as_array(topk_weights, "topk_weights", raw=True)
             _check_array(weights, origin, "topk_weights", np.float32, idx.shape)
         else:
-            weights = arrays.zeros(idx.shape, np.float32)
-        send_slot = _empty((num_tokens, ranks), np.int32)
-        send_counts = _empty(ranks, np.int32)
-        launch_send_slots(in_rank, send_slot, send_counts, config.num_threads, plan.pointer)
-        return in_rank, send_slot, send_counts, expert_counts, idx, weights
+            weights = xp().zeros(idx.shape, np.float32)
+        return in_rank, expert_counts, idx, weights
 
     # --------------------------------------------------------------- combine
     def combine(
@@ -440,40 +507,42 @@ class Buffer:
         if not isinstance(handle, DispatchHandle):
             raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
         num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
-        payload, origin = as_array(x, "x")
+        payload, origin = as_array(x, "x", raw=True)
         _check_payload(payload, origin, "x", num_recv)
-        arrays = xp()
         if topk_weights is not None:
-            weights, weights_origin = as_array(topk_weights, "topk_weights")
+            weights, weights_origin = as_array(topk_weights, "topk_weights", raw=True)
             _check_array(weights, weights_origin, "topk_weights", np.float32, (num_recv, None))
         else:
-            weights = _empty((num_recv, 0), np.float32)
+            weights = _no_columns(num_recv, np.float32)
         plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = handle.is_token_in_rank.shape[0]
-        counts = np.diff(handle.rank_prefix_matrix, axis=0, prepend=0)
         row_bytes = payload.shape[1] * payload.itemsize
-        layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, int(counts.max(initial=0)),
+        layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, handle.max_recv_per_source,
                               "combine")
         words = _as_words(payload)
-        seq, parity = self._next_call()
-        fields = self._fields(layout, parity, words.dtype, payload.dtype)
+        seq, parity = self._next_call("combine", config)
+        fields = self._fields(layout, parity, words.dtype)
         local = fields["local"]
         launch_combine_send(
             transport(config.force_put), config.num_sms, config.num_threads, plan.pointer, words, weights,
             handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"], local["topk_weights"],
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
-            handle.num_local_experts, arrays.zeros(0, np.int32), self._done_counter,
+            handle.num_local_experts, self._no_counts, self._done_counter,
         )
-        out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16")
-        out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin)
-        errors = arrays.zeros(1, np.int32)
+        out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16",
+                                     raw=True)
+        out_words = _as_words(out)
+        if topk_weights is not None:
+            out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin, raw=True)
+        else:
+            out_weights = _no_columns(num_tokens, np.float32)
         launch_combine_reduce(
-            payload.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"],
-            local["x_elements"], local["topk_weights"], handle.send_slot, seq, row_bytes, handle.num_local_experts,
-            int(config.timeout_s * 1e9), out, out_weights, errors,
+            payload.dtype, out_words.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"],
+            local["meta"], self._fields(layout, parity, out_words.dtype)["local"]["x_words"], local["topk_weights"],
+            handle.send_slot, seq, row_bytes, handle.num_local_experts, int(config.timeout_s * 1e9), out_words,
+            out_weights, self._status.device,
         )
-        plan.synchronize()
-        self._check_errors(int(to_host(errors)[0]), "combine", config.timeout_s)
+        self._raise_on_error()
         return out_finish(), out_weights_finish() if topk_weights is not None else None, plan.finish()
 
     # ------------------------------------------------------------- lifetime
@@ -483,6 +552,7 @@ class Buffer:
             self._views.clear()
             self._block.free()
             self._block = None
+            self._status.free()
 
     def __enter__(self) -> "Buffer":
         return self

@@ -94,6 +94,7 @@ class StreamPlan:
 
     def __init__(self, framework: str, comm_stream: Any, previous_event: EventOverlap | None, async_finish: bool):
         self.framework = framework
+        self.async_finish = async_finish
         compute = current_stream(framework)
         self.stream = comm_stream if async_finish else compute
         if previous_event is not None and previous_event.event is not None:
@@ -111,7 +112,9 @@ class StreamPlan:
         StreamPlan.waited_s += time.perf_counter() - start
 
     def finish(self) -> EventOverlap:
-        return EventOverlap(self.stream.record(), self.framework)
+        """The call's event: recorded on the communication stream with ``async_finish``; without
+        it the work is on the caller's stream, which orders it already (DeepEP's empty event)."""
+        return EventOverlap(self.stream.record() if self.async_finish else None, self.framework)
 
 
 class HostPlan:

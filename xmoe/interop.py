@@ -8,6 +8,7 @@ its 16-bit pattern (uint16) and the :class:`Origin` remembers that it was bfloat
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -82,6 +83,106 @@ def _storage_to_torch() -> dict[np.dtype, Any]:
     return {storage: dtype for dtype, storage in _torch_dtypes().items() if dtype != torch.bfloat16}
 
 
+class DeviceArray:
+    """C-contiguous device memory as the Buffer's kernels take it: pointer, shape, dtype.
+
+    Built from a PyTorch tensor without a framework call (a CuPy view of a tensor costs
+    ~10 us of host time per argument). ``owner`` keeps the memory alive.
+    """
+
+    __slots__ = ("ptr", "shape", "dtype", "owner")
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: Any) -> None:
+        self.ptr, self.shape, self.dtype, self.owner = ptr, shape, dtype, owner
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.itemsize
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        step = self.dtype.itemsize
+        strides = [step] * len(self.shape)
+        for axis in range(len(self.shape) - 1, 0, -1):
+            step *= self.shape[axis]
+            strides[axis - 1] = step
+        return tuple(strides)
+
+    def abi(self) -> tuple[int, ...]:
+        """The array in Numba's kernel ABI: meminfo, parent, size, itemsize, data, shape, strides."""
+        return (0, 0, self.size, self.dtype.itemsize, self.ptr, *self.shape, *self.strides)
+
+    def get(self) -> np.ndarray:
+        """A NumPy copy (as CuPy's ``get``)."""
+        import cupy
+
+        return cupy.asarray(self).get()
+
+    def view(self, dtype: Any) -> "DeviceArray":
+        """The same memory as ``dtype``, the last axis rescaled (as ``ndarray.view``)."""
+        dtype = np.dtype(dtype)
+        last = self.shape[-1] * self.itemsize
+        if last % dtype.itemsize:
+            raise ValueError(f"cannot view rows of {last} bytes as {dtype}")
+        return DeviceArray(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype, self.owner)
+
+    def reshape(self, *shape: int) -> "DeviceArray":
+        if math.prod(shape) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {shape}")
+        return DeviceArray(self.ptr, tuple(shape), self.dtype, self.owner)
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
+                "version": 3}
+
+
+class HostWords:
+    """int32 words that kernels write and the host reads with no copy and no synchronisation:
+    mapped pinned host memory on the GPU, a NumPy array on the simulator.
+
+    Attributes:
+        host: the words as a NumPy array (reads see the kernels' stores as they land).
+        device: what a kernel takes for them (a :class:`DeviceArray` on the GPU).
+    """
+
+    def __init__(self, length: int) -> None:
+        self._pointer = 0
+        if on_gpu():
+            import ctypes
+
+            import cupy
+
+            runtime = cupy.cuda.runtime
+            self._pointer = runtime.hostAlloc(4 * length, runtime.hostAllocMapped)
+            self.host = np.ctypeslib.as_array((ctypes.c_int32 * length).from_address(self._pointer))
+            self.host[:] = 0
+            # unified addressing (every 64-bit CUDA platform): mapped host memory has the same address on the device
+            self.device = DeviceArray(self._pointer, (length,), np.dtype(np.int32), None)
+        else:
+            self.host = np.zeros(length, np.int32)
+            self.device = self.host
+
+    def free(self) -> None:
+        if self._pointer:
+            import cupy
+
+            cupy.cuda.runtime.freeHost(self._pointer)
+            self._pointer = 0
+
+
 def _cupy_view(tensor: Any, dtype: np.dtype) -> Any:
     """A CuPy array over a contiguous CUDA tensor's memory, keeping the tensor alive.
 
@@ -98,17 +199,29 @@ def _cupy_view(tensor: Any, dtype: np.dtype) -> Any:
     return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
 
 
-def _from_torch(value: Any, name: str) -> tuple[Any, str]:
+@lru_cache(maxsize=1)
+def _torch_names() -> dict[Any, str]:
+    """PyTorch dtype -> its name as :class:`Origin` holds it ("bfloat16", "int64", ...)."""
     import torch
 
-    value = value.detach()
+    return {dtype: str(dtype).removeprefix("torch.") for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
+
+
+def _from_torch(value: Any, name: str, raw: bool) -> tuple[Any, str]:
+    import torch
+
     if value.is_cuda != on_gpu():
         where = "a CUDA tensor to the CPU simulation backend" if value.is_cuda else "a CPU tensor to the cuda backend"
         raise ValueError(f"{name}: {where}")
-    dtype = str(value.dtype).removeprefix("torch.")
+    dtype = _torch_names()[value.dtype]
     storage = _torch_dtypes().get(value.dtype)
     if on_gpu() and storage is not None:
-        return _cupy_view(value.contiguous(), storage), dtype
+        if not value.is_contiguous():
+            value = value.detach().contiguous()
+        if raw:
+            return DeviceArray(value.data_ptr(), tuple(value.shape), storage, value), dtype
+        return _cupy_view(value.detach(), storage), dtype
+    value = value.detach()
     if value.dtype == torch.bfloat16:
         value = value.view(torch.int16)
     value = value.contiguous()
@@ -128,16 +241,18 @@ def _from_jax(value: Any, name: str) -> tuple[Any, str]:
     return (array.view(np.uint16) if dtype == "bfloat16" else array), dtype
 
 
-def as_array(value: Any, name: str) -> tuple[Any, Origin]:
+def as_array(value: Any, name: str, raw: bool = False) -> tuple[Any, Origin]:
     """``value`` as a C-contiguous backend array (zero-copy where possible) and its origin.
 
     A bfloat16 tensor comes back as a uint16 view of its bits with ``Origin.dtype == "bfloat16"``.
+    ``raw``: a CUDA PyTorch tensor comes back as a :class:`DeviceArray` (for the Numba kernels'
+    launch path) instead of a CuPy array.
     """
     if value is None:
         raise ValueError(f"{name}: expected a tensor, got None")
     framework = framework_of(value)
     if framework == "torch":
-        array, dtype = _from_torch(value, name)
+        array, dtype = _from_torch(value, name, raw)
     elif framework == "jax":
         array, dtype = _from_jax(value, name)
     elif framework == "cupy":
@@ -150,7 +265,9 @@ def as_array(value: Any, name: str) -> tuple[Any, Origin]:
         array, dtype = value, str(value.dtype)
         if value.dtype == BFLOAT16:
             array = value.view(np.uint16)
-    return (array if array.flags.c_contiguous else xp().ascontiguousarray(array)), Origin(framework, dtype)
+    if type(array) is not DeviceArray and not array.flags.c_contiguous:
+        array = xp().ascontiguousarray(array)
+    return array, Origin(framework, dtype)
 
 
 def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
@@ -182,22 +299,31 @@ def poisoned(array: Any) -> Any:
     """``array`` filled with 0xFF bytes (NaN, -1) under ``XMOE_POISON=1``, so that a test sees
     any element a kernel failed to write; untouched otherwise."""
     if os.environ.get("XMOE_POISON") == "1":
-        array.view(np.uint8).fill(0xFF)
+        if type(array) is DeviceArray:
+            import cupy
+
+            cupy.cuda.runtime.memset(array.ptr, 0xFF, array.nbytes)
+        else:
+            array.view(np.uint8).fill(0xFF)
     return array
 
 
-def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False) -> tuple[Any, Any]:
+def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False,
+               raw: bool = False) -> tuple[Any, Any]:
     """A fresh output: ``(array the kernels write, function returning it as the caller's type)``.
 
     For CUDA PyTorch callers the memory comes from PyTorch's allocator, so the result is
-    a plain tensor with no conversion afterwards; ``bfloat16``: ``dtype`` is uint16 bits.
+    a plain tensor with no conversion afterwards; ``bfloat16``: ``dtype`` is uint16 bits;
+    ``raw``: the kernels get a :class:`DeviceArray` of it, not a CuPy array.
     Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`).
     """
     if origin.framework == "torch" and on_gpu():
         import torch
 
-        torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[np.dtype(dtype)]
+        dtype = np.dtype(dtype)
+        torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[dtype]
         tensor = torch.empty(shape, dtype=torch_dtype, device="cuda")
-        return poisoned(_cupy_view(tensor, np.dtype(dtype))), lambda: tensor
+        view = DeviceArray(tensor.data_ptr(), tuple(tensor.shape), dtype, tensor) if raw else _cupy_view(tensor, dtype)
+        return poisoned(view), lambda: tensor
     array = poisoned(xp().empty(shape, dtype))
     return array, lambda: to_origin(array, origin, bfloat16)

@@ -25,6 +25,11 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 ERR_TIMEOUT = 1 << 20
 ERR_MISMATCH = 2 << 20
 
+# A Buffer's status words, host memory the kernels write (mapped pinned memory on the GPU),
+# so the host learns of errors and of the dispatch counts without copying or synchronising:
+# the error code, the sequence number of the last notify that finished, then its counts.
+STATUS_ERROR, STATUS_READY, STATUS_INFO = 0, 1, 2
+
 if SIMULATOR:
     import time
 
@@ -92,6 +97,13 @@ def raise_signal(peer_signals, source, value):
 def record_error(errors, code):
     """Keep the first error code a kernel reports in ``errors[0]``."""
     cuda.atomic.cas(errors, 0, 0, code)
+
+
+@cuda.jit(device=True)
+def report_error(status, code):
+    """Leave ``code`` in ``status[STATUS_ERROR]`` for the host: a plain store (mapped host memory
+    takes no atomics); any one of several concurrent codes is kept."""
+    status[STATUS_ERROR] = code
 
 
 @cuda.jit(device=True)

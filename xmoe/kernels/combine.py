@@ -4,7 +4,8 @@
    goes back into this rank's region of ``s``'s symmetric buffer at that same slot,
    with its top-k weights; the last block publishes meta and signals.
 2. ``combine_reduce`` kernels (one per payload type): every block waits, bounded, for
-   every peer, then each token sums in fp32, in rank order, the rows that came back
+   every peer (errors go to the Buffer's status words), then each token sums in fp32,
+   in rank order, the rows that came back
    for it (``send_slot[t, r]`` locates them), and rounds to the payload type.
 """
 
@@ -19,7 +20,7 @@ from numba import cuda
 from xmoe.comm.device import Transport, last_block_done
 from xmoe.kernels.dispatch import make_publish, source_of_row, wait_for_peers
 from xmoe.kernels.launch import launch
-from xmoe.kernels.numerics import bf16_to_f32, f32_load, f32_store, f32_to_bf16
+from xmoe.kernels.numerics import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bits
 
 
 @lru_cache(maxsize=None)
@@ -49,43 +50,52 @@ def combine_send_kernel(transport: Transport) -> Any:
     return combine_send
 
 
-def _make_reduce_kernel(load: Any, store: Any) -> Any:
+@lru_cache(maxsize=None)
+def reduce_kernel(element: np.dtype, word: np.dtype) -> Any:
+    """The reduce kernel for payload ``element`` (float32, or uint16 bfloat16 bits) read and
+    written as ``word``-sized integers, each carrying ``word.itemsize // element.itemsize``
+    elements: 8-byte words move 4 bfloat16 values per load instead of 1."""
+    lanes = word.itemsize // element.itemsize
+    lane_bits = 8 * element.itemsize
+    lane_mask = (1 << lane_bits) - 1
+    widen, narrow = (bf16_to_f32, f32_to_bf16) if element == np.uint16 else (f32_from_bits, f32_to_bits)
+
     @cuda.jit(cache=True)
-    def combine_reduce_kernel(
+    def combine_reduce(
         signals, meta, field_x, field_topk_weights, send_slot, seq, row_bytes, num_local_experts,
-        timeout_ns, out, out_topk_weights, errors,
+        timeout_ns, out, out_topk_weights, status,
     ):
-        flag = cuda.shared.array(1, np.int32)
+        flag = cuda.shared.array(2, np.int32)
         num_topk = out_topk_weights.shape[1]
-        if not wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+        if not wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, status, flag):
             return
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
         num_ranks = send_slot.shape[1]
+        acc = cuda.local.array(lanes, np.float32)
         for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
-            for h in range(tid, out.shape[1], num_threads):
-                acc = np.float32(0.0)
+            for w in range(tid, out.shape[1], num_threads):
+                for i in range(lanes):
+                    acc[i] = 0.0
                 for r in range(num_ranks):
                     slot = send_slot[t, r]
                     if slot >= 0:
-                        acc += load(field_x[r, slot, h])
-                out[t, h] = store(acc)
+                        bits = np.uint64(field_x[r, slot, w])
+                        for i in range(lanes):
+                            acc[i] += widen((bits >> np.uint64(lane_bits * i)) & np.uint64(lane_mask))
+                packed = np.uint64(0)
+                for i in range(lanes):
+                    packed |= np.uint64(narrow(acc[i])) << np.uint64(lane_bits * i)
+                out[t, w] = packed
             for j in range(tid, num_topk, num_threads):
-                acc = np.float32(0.0)
+                total = np.float32(0.0)
                 for r in range(num_ranks):
                     slot = send_slot[t, r]
                     if slot >= 0:
-                        acc += field_topk_weights[r, slot, j]
-                out_topk_weights[t, j] = acc
+                        total += field_topk_weights[r, slot, j]
+                out_topk_weights[t, j] = total
 
-    return combine_reduce_kernel
-
-
-#: Reduce kernel per payload element type as the kernel sees it (bfloat16 as uint16 bits).
-REDUCE_KERNELS = {
-    np.dtype(np.float32): _make_reduce_kernel(f32_load, f32_store),
-    np.dtype(np.uint16): _make_reduce_kernel(bf16_to_f32, f32_to_bf16),
-}
+    return combine_reduce
 
 
 def launch_combine_send(transport: Transport, blocks: int, threads: int, stream: int, *args) -> None:
@@ -93,6 +103,7 @@ def launch_combine_send(transport: Transport, blocks: int, threads: int, stream:
     launch(combine_send_kernel(transport), blocks, threads, *args, stream=stream)
 
 
-def launch_combine_reduce(element: np.dtype, blocks: int, threads: int, stream: int, *args) -> None:
-    """See ``combine_reduce_kernel``; ``element`` is float32 or uint16 (bfloat16 bits)."""
-    launch(REDUCE_KERNELS[np.dtype(element)], blocks, threads, *args, stream=stream)
+def launch_combine_reduce(element: np.dtype, word: np.dtype, blocks: int, threads: int, stream: int, *args) -> None:
+    """See :func:`reduce_kernel`; ``element`` is float32 or uint16 (bfloat16 bits), ``field_x``
+    and ``out`` are the payload as ``word``-sized integers."""
+    launch(reduce_kernel(np.dtype(element), np.dtype(word)), blocks, threads, *args, stream=stream)

@@ -1,14 +1,19 @@
-"""Intranode dispatch kernels: send into the peers' symmetric buffers, wait, copy out.
+"""Intranode dispatch kernels: publish counts, send into the peers' symmetric buffers, copy out.
 
-1. ``dispatch_send_kernel``: every token row (payload words, source index, local
-   top-k ids and weights) is written straight into slot ``send_slot[t, dst]`` of this
-   rank's region in each destination's symmetric buffer (stores or NVSHMEM puts). The block that finishes
-   last writes this rank's meta row into every destination and raises its signal
-   (the call's sequence number).
-2. ``dispatch_wait_kernel``: waits, bounded, for every source's signal, checks that
-   its call matches this rank's, and gathers the count matrix and per-expert counts.
-3. ``dispatch_copy_out_kernel``: moves the received rows, ordered by source rank then
-   by source token, from the symmetric buffer into the output arrays.
+1. ``notify`` (non-cached dispatch): block ``r`` numbers this rank's tokens bound for rank
+   ``r`` (their slots in ``r``'s region); the block that finishes last publishes this
+   rank's counts (meta row + notify signal) to every peer, waits, bounded, for every
+   peer's, and leaves the count matrix and per-expert counts in the Buffer's host-visible
+   status words (the host sizes the outputs from them) and the receive offsets on the device.
+2. ``dispatch_send``: every token row (payload words, source index, local top-k ids and
+   weights) goes straight into slot ``send_slot[t, dst]`` of this rank's region in each
+   destination's symmetric buffer (stores or NVSHMEM puts); the block that finishes
+   last raises the data signal (the call's sequence number) in every destination.
+3. ``dispatch_receive``: waits, bounded, for every source's data signal, then moves the
+   received rows, ordered by source rank then by source token, into the outputs.
+
+Nothing here makes the host wait: 2 is queued behind 1 at once, and 3 as soon as the host
+has read the counts (cached dispatch: at once).
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ from numba import cuda
 from xmoe.comm.device import (
     ERR_MISMATCH,
     ERR_TIMEOUT,
+    STATUS_ERROR,
+    STATUS_INFO,
+    STATUS_READY,
     Transport,
     copy_row,
     last_block_done,
     load_fresh,
-    record_error,
+    report_error,
     wait_signal,
 )
 from xmoe.kernels.launch import launch
+from xmoe.layout.dispatch import scan_column
 from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTES, META_TOPK
 
 
@@ -58,31 +67,57 @@ def make_publish(transport: Transport) -> Any:
 
 
 @cuda.jit(device=True)
-def wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
+def wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, status, flag):
     """Every thread of the block: True once every peer's signal of ``seq`` arrived with a matching meta row.
 
-    A block that finds an error already recorded (by an earlier block) does not wait.
-    ``flag`` is a shared int32 array of one element.
+    Errors go to ``status`` (see :func:`report_error`); a block that finds one already
+    there does not wait. ``flag`` is a shared int32 array of two elements.
     """
     num_ranks = signals.shape[0]
     if cuda.threadIdx.x == 0:
-        flag[0] = errors[0]
+        flag[0] = status[STATUS_ERROR]
+        flag[1] = 0
     cuda.syncthreads()
     if flag[0] == 0:
         for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
+            code = 0
             if not wait_signal(signals, src, seq, timeout_ns):
-                record_error(errors, ERR_TIMEOUT + src)
+                code = ERR_TIMEOUT + src
             elif (
                 load_fresh(meta, (src, META_ROW_BYTES)) != row_bytes
                 or load_fresh(meta, (src, META_TOPK)) != num_topk
                 or load_fresh(meta, (src, META_LOCAL_EXPERTS)) != num_local_experts
             ):
-                record_error(errors, ERR_MISMATCH + src)
+                code = ERR_MISMATCH + src
+            if code != 0:
+                flag[1] = code
+                report_error(status, code)
     cuda.syncthreads()
+    return flag[0] == 0 and flag[1] == 0
+
+
+@cuda.jit(device=True)
+def gather_counts(meta, rank, status, recv_offsets):
+    """Block-wide: the count matrix ``[ranks, ranks]`` (row = source) and the received tokens
+    per local expert from the meta rows into ``status[STATUS_INFO:]``; the first received
+    row of each source ``[ranks + 1]`` into ``recv_offsets``."""
+    num_ranks = meta.shape[0]
+    num_local_experts = meta.shape[1] - META_HEADER - num_ranks
+    per_expert = STATUS_INFO + num_ranks * num_ranks
+    for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
+        for r in range(num_ranks):
+            status[STATUS_INFO + src * num_ranks + r] = load_fresh(meta, (src, META_HEADER + r))
+    for e in range(cuda.threadIdx.x, num_local_experts, cuda.blockDim.x):
+        total = 0
+        for src in range(num_ranks):
+            total += load_fresh(meta, (src, META_HEADER + num_ranks + e))
+        status[per_expert + e] = total
     if cuda.threadIdx.x == 0:
-        flag[0] = errors[0]
-    cuda.syncthreads()
-    return flag[0] == 0
+        running = 0
+        for src in range(num_ranks):
+            recv_offsets[src] = running
+            running += load_fresh(meta, (src, META_HEADER + rank))
+        recv_offsets[num_ranks] = running
 
 
 @cuda.jit(device=True)
@@ -95,6 +130,36 @@ def source_of_row(recv_offsets, row):
 
 
 @lru_cache(maxsize=None)
+def notify_kernel(transport: Transport) -> Any:
+    """The notify kernel for ``transport`` (one block per rank; built, and compiled, on first use)."""
+    publish = make_publish(transport)
+
+    @cuda.jit(cache=transport.name == "store")
+    def notify(
+        is_token_in_rank, expert_counts, send_slot, rank_counts, peer_meta, local_meta, peer_signals,
+        local_signals, rank, seq, row_bytes, num_topk, timeout_ns, done_counter, recv_offsets, status,
+    ):
+        num_local_experts = expert_counts.shape[0] // send_slot.shape[1]
+        scan_column(is_token_in_rank, send_slot, rank_counts, cuda.blockIdx.x)
+        cuda.threadfence()
+        last = cuda.shared.array(1, np.int32)
+        if not last_block_done(done_counter, last):
+            return
+        publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
+                num_local_experts, rank_counts, expert_counts)
+        flag = cuda.shared.array(2, np.int32)
+        if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns,
+                          status, flag):
+            gather_counts(local_meta, rank, status, recv_offsets)
+        cuda.threadfence_system()
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0:
+            status[STATUS_READY] = seq
+
+    return notify
+
+
+@lru_cache(maxsize=None)
 def dispatch_send_kernel(transport: Transport) -> Any:
     """The send kernel for ``transport`` (built, and compiled, on first use)."""
     write_row, write_value, flush = transport.write_row, transport.write_value, transport.flush
@@ -102,14 +167,13 @@ def dispatch_send_kernel(transport: Transport) -> Any:
 
     @cuda.jit(cache=transport.name == "store")
     def dispatch_send(
-        x, topk_idx, topk_weights, send_slot, rank_counts, expert_counts,
+        x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts,
         peer_x, local_x, peer_src_idx, local_src_idx, peer_topk_idx, local_topk_idx,
         peer_topk_weights, local_topk_weights, peer_meta, local_meta, peer_signals, local_signals,
         rank, seq, row_bytes, done_counter,
     ):
         num_ranks = send_slot.shape[1]
         num_topk = topk_idx.shape[1]
-        num_local_experts = expert_counts.shape[0] // num_ranks
         for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
             for dst in range(num_ranks):
                 slot = send_slot[t, dst]
@@ -128,55 +192,21 @@ def dispatch_send_kernel(transport: Transport) -> Any:
         flag = cuda.shared.array(1, np.int32)
         if last_block_done(done_counter, flag):
             publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                    num_local_experts, rank_counts, expert_counts)
+                    num_local_experts, no_counts, no_counts)
 
     return dispatch_send
 
 
 @cuda.jit(cache=True)
-def dispatch_wait_kernel(signals, meta, rank, seq, row_bytes, num_topk, timeout_ns, info):
-    """One block. ``info`` (int32, read back by the host in one copy) receives, in order: the
-    error code, the count matrix ``[ranks, ranks]`` (row = source), the received tokens per
-    local expert, and the first received row of each source ``[ranks + 1]``."""
-    num_ranks = signals.shape[0]
-    num_local_experts = info.shape[0] - 2 - num_ranks * num_ranks - num_ranks
-    errors = info[0:1]
-    if cuda.threadIdx.x == 0:
-        errors[0] = 0
-    cuda.syncthreads()
-    flag = cuda.shared.array(1, np.int32)
-    if not wait_for_peers(signals, meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, errors, flag):
-        return
-    counts = 1
-    per_expert = counts + num_ranks * num_ranks
-    offsets = per_expert + num_local_experts
-    for src in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
-        for r in range(num_ranks):
-            info[counts + src * num_ranks + r] = load_fresh(meta, (src, META_HEADER + r))
-    for e in range(cuda.threadIdx.x, num_local_experts, cuda.blockDim.x):
-        total = 0
-        for src in range(num_ranks):
-            total += load_fresh(meta, (src, META_HEADER + num_ranks + e))
-        info[per_expert + e] = total
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        running = 0
-        for src in range(num_ranks):
-            info[offsets + src] = running
-            running += info[counts + src * num_ranks + rank]
-        info[offsets + num_ranks] = running
-
-
-def wait_info_length(num_ranks: int, num_local_experts: int) -> int:
-    """Length of the ``info`` array of :func:`dispatch_wait_kernel`."""
-    return 1 + num_ranks * num_ranks + num_local_experts + num_ranks + 1
-
-
-@cuda.jit(cache=True)
-def dispatch_copy_out_kernel(
+def dispatch_receive_kernel(
+    signals, meta, seq, row_bytes, num_local_experts, timeout_ns, status,
     field_x, field_src_idx, field_topk_idx, field_topk_weights, recv_offsets,
     recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
 ):
+    flag = cuda.shared.array(2, np.int32)
+    if not wait_for_peers(signals, meta, seq, row_bytes, recv_topk_idx.shape[1], num_local_experts, timeout_ns,
+                          status, flag):
+        return
     tid = cuda.threadIdx.x
     num_threads = cuda.blockDim.x
     num_words = recv_x.shape[1]
@@ -191,20 +221,16 @@ def dispatch_copy_out_kernel(
             recv_src_idx[row] = field_src_idx[src, slot, 0]
 
 
+def launch_notify(transport: Transport, threads: int, stream: int, is_token_in_rank, *args) -> None:
+    """One block per rank; see :func:`notify_kernel`."""
+    launch(notify_kernel(transport), is_token_in_rank.shape[1], threads, is_token_in_rank, *args, stream=stream)
+
+
 def launch_dispatch_send(transport: Transport, blocks: int, threads: int, stream: int, *args) -> None:
     """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``."""
     launch(dispatch_send_kernel(transport), blocks, threads, *args, stream=stream)
 
 
-def launch_dispatch_wait(threads: int, stream: int, *args) -> None:
-    """One block waits for every source; see :func:`dispatch_wait_kernel`."""
-    launch(dispatch_wait_kernel, 1, threads, *args, stream=stream)
-
-
-def launch_dispatch_copy_out(blocks: int, threads: int, stream: int, field_x, field_src_idx, field_topk_idx,
-                             field_topk_weights, recv_offsets, recv_x, recv_src_idx, recv_topk_idx,
-                             recv_topk_weights) -> None:
-    """Copy the received rows out of the symmetric fields; nothing to launch for zero rows."""
-    if recv_x.shape[0] > 0:
-        launch(dispatch_copy_out_kernel, blocks, threads, field_x, field_src_idx, field_topk_idx, field_topk_weights,
-               recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights, stream=stream)
+def launch_dispatch_receive(blocks: int, threads: int, stream: int, *args) -> None:
+    """See :func:`dispatch_receive_kernel`; launched even for no rows (the wait orders the calls)."""
+    launch(dispatch_receive_kernel, blocks, threads, *args, stream=stream)

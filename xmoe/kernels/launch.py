@@ -5,16 +5,20 @@ hide stores into shared memory from the other ranks while a kernel runs; wrappin
 a simulated device array passes it by reference, as a device pointer is on the GPU.
 
 GPU: Numba's dispatcher costs 35-120 us of host time per launch (it types and converts
-every argument). A kernel is compiled through it once per argument signature; later
-launches pack the arguments straight into Numba's kernel ABI (an array is meminfo,
-parent, size, itemsize, data pointer, shape, strides; a tuple is its elements in order)
-and go to the driver through ``cuda.core``. Arguments that never change (the peers'
-views of a symmetric buffer) are packed once, as a :class:`StaticArg`.
+every argument), and ``cuda.core``'s launch converts every parameter in Python (~40-80 us
+for the ~200 parameters of a kernel that takes the peers' views). A kernel is compiled
+through Numba's dispatcher once per argument signature; later launches pack the arguments
+straight into Numba's kernel ABI (an array is meminfo, parent, size, itemsize, data
+pointer, shape, strides, all 8-byte; a tuple is its elements in order) with one
+``struct.pack_into`` into a parameter block kept per compiled kernel, and call the
+driver's ``cuLaunchKernel`` through ctypes. Arguments that never change (the peers' views
+of a symmetric buffer) are packed once, as a :class:`StaticArg`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import struct
 from functools import lru_cache
 from typing import Any
 
@@ -23,11 +27,11 @@ from numba import cuda
 
 from xmoe.comm.device import SIMULATOR
 
+from xmoe.interop import DeviceArray
+
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 else:
-    from cuda.core import LaunchConfig
-    from cuda.core import launch as driver_launch
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
 
@@ -48,14 +52,18 @@ def _pack(value: Any, params: list) -> Any:
     """Append ``value`` in Numba's kernel ABI to ``params``; return its signature: what decides
     the compiled kernel (dtype and rank of arrays, tuple structure). Arrays reach the kernels
     C-contiguous (``as_array`` and fresh outputs), so their layout is not part of it."""
-    if type(value) is StaticArg:
+    kind = type(value)
+    if kind is StaticArg:
         params.extend(value.params)
         return value.signature
-    if isinstance(value, tuple):
-        return tuple(_pack(item, params) for item in value)
-    if isinstance(value, (int, np.integer)):
-        params.append(ctypes.c_int64(int(value)))
+    if kind is DeviceArray:
+        params.extend(value.abi())
+        return (value.dtype.char, len(value.shape))
+    if kind is int or isinstance(value, np.integer):
+        params.append(value)
         return "i"
+    if kind is tuple:
+        return tuple(_pack(item, params) for item in value)
     # a CuPy array: meminfo, parent, size, itemsize, data, shape, strides
     params.extend((0, 0, value.size, value.itemsize, value.data.ptr, *value.shape, *value.strides))
     return (value.dtype.char, value.ndim)
@@ -82,12 +90,34 @@ def numba_stream(pointer: int) -> Any:
     return cuda.external_stream(pointer) if pointer else cuda.default_stream()
 
 
-@lru_cache(maxsize=256)
-def _config(blocks: int, threads: int) -> Any:
-    return LaunchConfig(grid=blocks, block=threads, shmem_size=0)
+@lru_cache(maxsize=1)
+def _cu_launch_kernel() -> Any:
+    """The driver's ``cuLaunchKernel`` through ctypes (a Python call of ~1 us)."""
+    function = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    function.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    function.restype = ctypes.c_int
+    return function
 
 
-_compiled: dict[tuple, Any] = {}
+class _Compiled:
+    """A compiled kernel and the parameter block its launches fill (all parameters are 8 bytes)."""
+
+    def __init__(self, handle: int, num_params: int) -> None:
+        self.handle = handle
+        self.layout = struct.Struct(f"{num_params}q")
+        self.values = (ctypes.c_int64 * num_params)()
+        base = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * num_params)(*(base + 8 * i for i in range(num_params)))
+        self.pointers_address = ctypes.addressof(self.pointers) if num_params else None
+
+    def launch(self, blocks: int, threads: int, stream: int, params: list) -> None:
+        self.layout.pack_into(self.values, 0, *params)
+        result = _cu_launch_kernel()(self.handle, blocks, 1, 1, threads, 1, 1, 0, stream, self.pointers_address, None)
+        if result != 0:
+            raise RuntimeError(f"cuLaunchKernel failed (CUresult {result}) for {blocks} x {threads} threads")
+
+
+_compiled: dict[tuple, _Compiled] = {}
 
 
 def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0) -> None:
@@ -100,10 +130,11 @@ def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0) 
     key = (kernel, tuple([_pack(arg, params) for arg in args]))
     compiled = _compiled.get(key)
     if compiled is not None:
-        driver_launch(numba_stream(stream), _config(blocks, threads), compiled, *params)
+        compiled.launch(blocks, threads, stream, params)
         return
     # first launch of this signature: Numba compiles (or loads from its disk cache) and launches
     converted = [kernel_arg(a) for a in args]
     kernel[blocks, threads, numba_stream(stream)](*converted)
     signature = tuple(kernel.typeof_pyval(a) for a in converted)
-    _compiled[key] = kernel.overloads[signature]._codelibrary.get_cufunc().kernel
+    handle = kernel.overloads[signature]._codelibrary.get_cufunc().handle
+    _compiled[key] = _Compiled(handle.value if isinstance(handle, ctypes.c_void_p) else int(handle), len(params))

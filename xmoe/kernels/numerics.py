@@ -29,10 +29,14 @@ def f32_to_bf16(value):
 
 
 @cuda.jit(device=True, inline=True)
-def f32_load(value):
-    return np.float32(value)
+def f32_from_bits(bits):
+    word = cuda.local.array(1, np.uint32)
+    word[0] = np.uint32(bits)
+    return word.view(np.float32)[0]
 
 
 @cuda.jit(device=True, inline=True)
-def f32_store(value):
-    return np.float32(value)
+def f32_to_bits(value):
+    word = cuda.local.array(1, np.float32)
+    word[0] = value
+    return word.view(np.uint32)[0]

@@ -55,14 +55,13 @@ def dispatch_layout_kernel(topk_idx, num_experts, tokens_per_rank, tokens_per_ex
         tokens_per_rank[rank] = rank_count[0]
 
 
-@cuda.jit(cache=True)
-def send_slot_kernel(is_token_in_rank, send_slot, tokens_per_rank):
-    """Block ``r``: exclusive scan of column ``r``: each token's slot in rank r's region.
+@cuda.jit(device=True)
+def scan_column(is_token_in_rank, send_slot, tokens_per_rank, rank):
+    """Block-wide exclusive scan of column ``rank``: each token's slot in rank ``rank``'s region.
 
     Thread ``i`` counts a contiguous chunk of tokens, thread 0 scans the chunk totals,
     then each thread numbers its chunk: two barriers, whatever the token count.
     """
-    rank = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     num_threads = cuda.blockDim.x
     num_tokens = is_token_in_rank.shape[0]
@@ -92,7 +91,14 @@ def send_slot_kernel(is_token_in_rank, send_slot, tokens_per_rank):
             send_slot[t, rank] = -1
 
 
-def _check_threads(num_threads: int) -> None:
+@cuda.jit(cache=True)
+def send_slot_kernel(is_token_in_rank, send_slot, tokens_per_rank):
+    """Block ``r``: :func:`scan_column` of column ``r``."""
+    scan_column(is_token_in_rank, send_slot, tokens_per_rank, cuda.blockIdx.x)
+
+
+def check_threads(num_threads: int) -> None:
+    """``ValueError`` unless ``num_threads`` suits the scans (a power of two in [32, 1024])."""
     if not (32 <= num_threads <= SCAN_THREADS_MAX and num_threads & (num_threads - 1) == 0):
         raise ValueError(f"num_threads={num_threads}: must be a power of two in [32, {SCAN_THREADS_MAX}]")
 
@@ -108,7 +114,7 @@ def launch_dispatch_layout(
     (zeroed by the caller) receives ``1 + t * k + j`` for an out-of-range ``topk_idx[t, j]``.
     ``stream``: CUDA stream pointer (0: default).
     """
-    _check_threads(num_threads)
+    check_threads(num_threads)
     num_ranks = tokens_per_rank.shape[0]
     if num_experts // num_ranks > MAX_LOCAL_EXPERTS:
         raise ValueError(f"num_experts={num_experts}: at most {MAX_LOCAL_EXPERTS} experts per rank")
@@ -119,6 +125,6 @@ def launch_dispatch_layout(
 def launch_send_slots(is_token_in_rank, send_slot, tokens_per_rank, num_threads: int, stream: int = 0) -> None:
     """``send_slot`` int32 ``[tokens, ranks]``: slot of each token in each rank's region, -1 if not sent;
     ``tokens_per_rank`` int32 ``[ranks]``: the column counts."""
-    _check_threads(num_threads)
+    check_threads(num_threads)
     launch(send_slot_kernel, is_token_in_rank.shape[1], num_threads, is_token_in_rank, send_slot, tokens_per_rank,
            stream=stream)

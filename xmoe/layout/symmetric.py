@@ -67,7 +67,8 @@ class SymmetricLayout:
         row_bytes: payload bytes of one token (hidden * element size).
         num_topk: top-k entries carried with each token (0: none).
         num_local_experts: experts per rank.
-        fields: name -> :class:`Field`; ``signals`` int64 ``[R]``, ``meta`` int32
+        fields: name -> :class:`Field`; ``signals`` int64 ``[R]`` (data written),
+            ``notify_signals`` int64 ``[R]`` (counts published, before the data), ``meta`` int32
             ``[R, meta_length]``, ``src_idx`` int32 ``[R, cap, 1]``, ``topk_idx`` int32
             ``[R, cap, k]``, ``topk_weights`` float32 ``[R, cap, k]``, ``x`` uint8
             ``[R, cap, row_stride]``.
@@ -115,6 +116,7 @@ def symmetric_layout(
     regions = (num_ranks,)
     specs = [
         ("signals", np.int64, regions),
+        ("notify_signals", np.int64, regions),
         ("meta", np.int32, regions + (meta_length(num_ranks, num_local_experts),)),
         ("src_idx", np.int32, regions + (capacity, 1)),
         ("topk_idx", np.int32, regions + (capacity, num_topk)),
