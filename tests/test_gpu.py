@@ -84,6 +84,28 @@ def test_gpu_missing_rank_raises(group):
 
 
 @pytest.mark.mpi(ranks=2)
+def test_gpu_combine_missing_rank_raises_at_next_call(group):
+    """combine does not wait for the device: a peer that never arrives is reported by the next call."""
+    import torch
+
+    import xmoe
+
+    buffer = xmoe.Buffer(group, 1 << 20)
+    routing = make_routing(0, 2, 64, 32, 4, 2, np.float32)
+    idx = torch.from_numpy(routing.topk_idx[group.rank]).cuda()
+    x = torch.from_numpy(routing.x[group.rank]).cuda()
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                 num_tokens_per_expert=per_expert)
+    if group.rank == 0:
+        buffer.combine(recv_x, handle, config=xmoe.Config(timeout_s=1.0))
+        torch.cuda.synchronize()
+        with pytest.raises(RuntimeError, match="combine: rank 1 never arrived"):
+            buffer.dispatch(x, handle=handle)
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
 def test_gpu_async_finish_and_previous_event(group):
     """async_finish runs on the Buffer's stream; the caller's stream waits on the returned events."""
     import xmoe

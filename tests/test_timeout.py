@@ -43,3 +43,23 @@ def test_mismatched_hidden_raises(group):
         buffer.dispatch(routing.x[group.rank], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                         num_tokens_per_expert=per_expert, topk_idx=idx, config=xmoe.Config(timeout_s=5.0))
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_missing_rank_in_combine_raises(group):
+    """combine does not wait for the device; its peer errors raise at once on the simulator
+    (its kernels have finished when the call returns) and at the Buffer's next call on the GPU."""
+    import xmoe
+
+    buffer = xmoe.Buffer(group, 1 << 20)
+    routing = make_routing(0, 2, 16, 8, 4, 2, np.float32)
+    idx = routing.topk_idx[group.rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(routing.x[group.rank], num_tokens_per_rank=per_rank,
+                                                 is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    if group.rank == 0:
+        with pytest.raises(RuntimeError, match="combine: rank 1 never arrived"):
+            buffer.combine(recv_x, handle, config=xmoe.Config(timeout_s=1.0))
+        with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
+            buffer.dispatch(routing.x[0], handle=handle)
+    buffer.destroy()

@@ -41,6 +41,14 @@ def _empty(shape: tuple[int, ...] | int, dtype: Any, origin: Origin) -> Any:
     return new_output(shape, dtype, origin, raw=True)[0]
 
 
+def _part(block: Any, first: int, shape: tuple[int, ...]) -> Any:
+    """Elements ``first:first + prod(shape)`` of the flat array ``block``, shaped ``shape``."""
+    if type(block) is DeviceArray:
+        return block.part(first, shape)
+    size = int(np.prod(shape))
+    return block[first : first + size].reshape(shape)
+
+
 @lru_cache(maxsize=64)
 def _no_columns(rows: int, dtype: type) -> Any:
     """A ``[rows, 0]`` backend array: the top-k arguments of a call without top-k."""
@@ -369,8 +377,11 @@ class Buffer:
         writes = transport(config.force_put)
         timeout_ns = int(config.timeout_s * 1e9)
         if handle is None:
-            send_slot = _empty((num_tokens, ranks), np.int32, origin)
-            recv_offsets = _empty(ranks + 1, np.int32, origin)
+            # the handle's arrays in one allocation: send slots, receive offsets, room for the
+            # source index of every row this rank can receive
+            handle_block = _empty(num_tokens * ranks + ranks + 1 + ranks * layout.capacity, np.int32, origin)
+            send_slot = _part(handle_block, 0, (num_tokens, ranks))
+            recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
             launch_notify(
                 writes, config.num_threads, plan.pointer, in_rank, expert_counts, send_slot, self._rank_counts,
                 fields["meta"], local["meta"], fields["notify_signals"], local["notify_signals"], self.rank, seq,
@@ -387,8 +398,8 @@ class Buffer:
         )
         if handle is None:
             self._wait_for_notify(seq, config.timeout_s)
-            handle = self._new_handle(in_rank, send_slot, recv_offsets, int(expert_alignment), num_local_experts,
-                                      origin)
+            handle = self._new_handle(in_rank, send_slot, recv_offsets, handle_block, int(expert_alignment),
+                                      num_local_experts)
         num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
         hidden = payload.shape[1]
         recv_x, recv_x_out = new_output((num_recv, hidden), payload.dtype, origin, origin.dtype == "bfloat16", raw=True)
@@ -414,9 +425,10 @@ class Buffer:
             plan.finish(),
         )
 
-    def _new_handle(self, in_rank: Any, send_slot: Any, recv_offsets: Any, alignment: int, num_local_experts: int,
-                    origin: Origin) -> DispatchHandle:
-        """The handle of a dispatch whose notify kernel has left its counts in the status words."""
+    def _new_handle(self, in_rank: Any, send_slot: Any, recv_offsets: Any, handle_block: Any, alignment: int,
+                    num_local_experts: int) -> DispatchHandle:
+        """The handle of a dispatch whose notify kernel has left its counts in the status words;
+        its received source indices take the end of ``handle_block``."""
         ranks = self.num_ranks
         info = self._status.host
         counts = info[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()  # row = source
@@ -425,7 +437,8 @@ class Buffer:
             per_expert = -(-per_expert // alignment) * alignment
         prefix = counts.cumsum(axis=0, dtype=np.int32)
         received = counts[:, self.rank]
-        return DispatchHandle(prefix, _empty(int(received.sum()), np.int32, origin), in_rank, send_slot,
+        first = send_slot.shape[0] * ranks + ranks + 1
+        return DispatchHandle(prefix, _part(handle_block, first, (int(received.sum()),)), in_rank, send_slot,
                               counts[self.rank], recv_offsets, per_expert.tolist(), num_local_experts,
                               int(received.max()))
 

@@ -21,8 +21,9 @@ def _torch_stream_pointer() -> int:
     import torch
 
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(torch.cuda.current_device())
+    device = getattr(torch._C, "_cuda_getDevice", None)
+    if raw is not None and device is not None:
+        return raw(device())
     return torch.cuda.current_stream().cuda_stream
 
 

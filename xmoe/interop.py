@@ -138,6 +138,10 @@ class DeviceArray:
             raise ValueError(f"cannot view rows of {last} bytes as {dtype}")
         return DeviceArray(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype, self.owner)
 
+    def part(self, first: int, shape: tuple[int, ...]) -> "DeviceArray":
+        """Elements ``first:first + prod(shape)`` of this array (flat) as an array of ``shape``."""
+        return DeviceArray(self.ptr + first * self.dtype.itemsize, shape, self.dtype, self.owner)
+
     def reshape(self, *shape: int) -> "DeviceArray":
         if math.prod(shape) != self.size:
             raise ValueError(f"cannot reshape {self.shape} to {shape}")
@@ -308,6 +312,14 @@ def poisoned(array: Any) -> Any:
     return array
 
 
+@lru_cache(maxsize=1)
+def _current_cuda() -> Any:
+    """``torch.device("cuda")`` (the current GPU), built once: parsing "cuda" costs a few us a call."""
+    import torch
+
+    return torch.device("cuda")
+
+
 def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False,
                raw: bool = False) -> tuple[Any, Any]:
     """A fresh output: ``(array the kernels write, function returning it as the caller's type)``.
@@ -322,7 +334,7 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat1
 
         dtype = np.dtype(dtype)
         torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[dtype]
-        tensor = torch.empty(shape, dtype=torch_dtype, device="cuda")
+        tensor = torch.empty(shape, dtype=torch_dtype, device=_current_cuda())
         view = DeviceArray(tensor.data_ptr(), tuple(tensor.shape), dtype, tensor) if raw else _cupy_view(tensor, dtype)
         return poisoned(view), lambda: tensor
     array = poisoned(xp().empty(shape, dtype))

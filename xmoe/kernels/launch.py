@@ -9,9 +9,9 @@ every argument), and ``cuda.core``'s launch converts every parameter in Python (
 for the ~200 parameters of a kernel that takes the peers' views). A kernel is compiled
 through Numba's dispatcher once per argument signature; later launches pack the arguments
 straight into Numba's kernel ABI (an array is meminfo, parent, size, itemsize, data
-pointer, shape, strides, all 8-byte; a tuple is its elements in order) with one
-``struct.pack_into`` into a parameter block kept per compiled kernel, and call the
-driver's ``cuLaunchKernel`` through ctypes. Arguments that never change (the peers' views
+pointer, shape, strides, all 8-byte; a tuple is its elements in order) as bytes, copy
+them into a parameter block kept per compiled kernel, and call the driver's
+``cuLaunchKernel`` through ctypes. Arguments that never change (the peers' views
 of a symmetric buffer) are packed once, as a :class:`StaticArg`.
 """
 
@@ -48,24 +48,30 @@ def kernel_arg(value: Any) -> Any:
     return value
 
 
-def _pack(value: Any, params: list) -> Any:
-    """Append ``value`` in Numba's kernel ABI to ``params``; return its signature: what decides
-    the compiled kernel (dtype and rank of arrays, tuple structure). Arrays reach the kernels
-    C-contiguous (``as_array`` and fresh outputs), so their layout is not part of it."""
+_INT = struct.Struct("q")
+#: Numba's ABI of a C-contiguous array of each rank: meminfo, parent, size, itemsize, data, shape, strides.
+_ARRAY = {ndim: struct.Struct(f"{5 + 2 * ndim}q") for ndim in range(8)}
+
+
+def _pack(value: Any, parts: list) -> Any:
+    """Append ``value`` in Numba's kernel ABI (8 bytes a parameter) to ``parts``; return its
+    signature: what decides the compiled kernel (dtype and rank of arrays, tuple structure).
+    Arrays reach the kernels C-contiguous (``as_array`` and fresh outputs), so their layout
+    is not part of it."""
     kind = type(value)
     if kind is StaticArg:
-        params.extend(value.params)
+        parts.append(value.packed)
         return value.signature
     if kind is DeviceArray:
-        params.extend(value.abi())
+        parts.append(_ARRAY[len(value.shape)].pack(*value.abi()))
         return (value.dtype.char, len(value.shape))
     if kind is int or isinstance(value, np.integer):
-        params.append(value)
+        parts.append(_INT.pack(value))
         return "i"
     if kind is tuple:
-        return tuple(_pack(item, params) for item in value)
-    # a CuPy array: meminfo, parent, size, itemsize, data, shape, strides
-    params.extend((0, 0, value.size, value.itemsize, value.data.ptr, *value.shape, *value.strides))
+        return tuple(_pack(item, parts) for item in value)
+    parts.append(_ARRAY[value.ndim].pack(0, 0, value.size, value.itemsize, value.data.ptr, *value.shape,
+                                         *value.strides))  # a CuPy array
     return (value.dtype.char, value.ndim)
 
 
@@ -75,8 +81,9 @@ class StaticArg:
     def __init__(self, value: Any) -> None:
         self.value = value
         self.converted = kernel_arg(value)
-        self.params: list = []
-        self.signature = None if SIMULATOR else _pack(value, self.params)
+        parts: list = []
+        self.signature = None if SIMULATOR else _pack(value, parts)
+        self.packed = b"".join(parts)
 
 
 def static_arg(value: Any) -> Any:
@@ -102,16 +109,17 @@ def _cu_launch_kernel() -> Any:
 class _Compiled:
     """A compiled kernel and the parameter block its launches fill (all parameters are 8 bytes)."""
 
-    def __init__(self, handle: int, num_params: int) -> None:
+    def __init__(self, handle: int, num_bytes: int) -> None:
         self.handle = handle
-        self.layout = struct.Struct(f"{num_params}q")
-        self.values = (ctypes.c_int64 * num_params)()
-        base = ctypes.addressof(self.values)
-        self.pointers = (ctypes.c_void_p * num_params)(*(base + 8 * i for i in range(num_params)))
-        self.pointers_address = ctypes.addressof(self.pointers) if num_params else None
+        self.num_bytes = num_bytes
+        count = num_bytes // 8
+        self.values = (ctypes.c_int64 * count)()
+        self.values_address = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * count)(*(self.values_address + 8 * i for i in range(count)))
+        self.pointers_address = ctypes.addressof(self.pointers) if count else None
 
-    def launch(self, blocks: int, threads: int, stream: int, params: list) -> None:
-        self.layout.pack_into(self.values, 0, *params)
+    def launch(self, blocks: int, threads: int, stream: int, packed: bytes) -> None:
+        ctypes.memmove(self.values_address, packed, self.num_bytes)
         result = _cu_launch_kernel()(self.handle, blocks, 1, 1, threads, 1, 1, 0, stream, self.pointers_address, None)
         if result != 0:
             raise RuntimeError(f"cuLaunchKernel failed (CUresult {result}) for {blocks} x {threads} threads")
@@ -126,15 +134,16 @@ def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0) 
     if SIMULATOR:
         kernel[blocks, threads](*(kernel_arg(a) for a in args))
         return
-    params: list = []
-    key = (kernel, tuple([_pack(arg, params) for arg in args]))
+    parts: list = []
+    key = (kernel, tuple([_pack(arg, parts) for arg in args]))
     compiled = _compiled.get(key)
     if compiled is not None:
-        compiled.launch(blocks, threads, stream, params)
+        compiled.launch(blocks, threads, stream, b"".join(parts))
         return
     # first launch of this signature: Numba compiles (or loads from its disk cache) and launches
     converted = [kernel_arg(a) for a in args]
     kernel[blocks, threads, numba_stream(stream)](*converted)
     signature = tuple(kernel.typeof_pyval(a) for a in converted)
     handle = kernel.overloads[signature]._codelibrary.get_cufunc().handle
-    _compiled[key] = _Compiled(handle.value if isinstance(handle, ctypes.c_void_p) else int(handle), len(params))
+    address = handle.value if isinstance(handle, ctypes.c_void_p) else int(handle)
+    _compiled[key] = _Compiled(address, sum(len(part) for part in parts))
