@@ -4,7 +4,9 @@ Run on the GPU machine, one process per PE:
     torchrun --nproc_per_node=N benchmarks/dispatch_combine.py [--tokens 128,...,4096] [--out DIR]
 
 Each rank routes its tokens to top-8 of 256 experts (hidden 7168, bfloat16). Times are the
-median of CUDA-event timings; a call's time is that of the slowest rank. Bandwidth counts
+median of CUDA-event timings of ``--batch`` calls back to back, divided by the batch (the
+host queues the next call while the GPU runs one, except where a non-cached dispatch waits
+for its receive counts); a call's time is that of the slowest rank. Bandwidth counts
 the bytes that cross ranks (rows sent to another rank: payload, top-k ids and weights),
 read plus written, as a copy of them moves them: ``2 * bytes / time``. The baseline moves
 the same bytes in the same run: with one GPU a device-to-device copy by one process, with
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -113,7 +116,7 @@ def main() -> None:
         def combine():
             buffer.combine(recv_x, handle, topk_weights=recv_w)
 
-        mine = {name: median_ms(fn, args.iters) for name, fn in
+        mine = {name: median_ms(fn, args.iters, batch=args.batch) for name, fn in
                 (("dispatch", dispatch), ("cached dispatch", cached), ("combine", combine))}
         host = {name: host_overhead_us(fn, args.iters) for name, fn in
                 (("dispatch", dispatch), ("cached dispatch", cached), ("combine", combine))}
@@ -129,7 +132,8 @@ def main() -> None:
             per_peer = max(total_bytes // ranks // ranks, 1)
             send = torch.empty(per_peer * ranks, dtype=torch.uint8, device="cuda")
             receive = torch.empty_like(send)
-            baseline_ms = median_ms(lambda: dist.all_to_all_single(receive, send, group=nccl), args.iters)
+            baseline_ms = median_ms(lambda: dist.all_to_all_single(receive, send, group=nccl), args.iters,
+                                    batch=args.batch)
             baseline_ms = max(group.allgather(baseline_ms))
             baseline_name = "NCCL all_to_all_single (read+write)"
         else:
@@ -137,7 +141,7 @@ def main() -> None:
             if me == 0:
                 source = torch.empty(total_bytes, dtype=torch.uint8, device="cuda")
                 target = torch.empty_like(source)
-                baseline_ms = median_ms(lambda: target.copy_(source), args.iters)
+                baseline_ms = median_ms(lambda: target.copy_(source), args.iters, batch=args.batch)
             baseline_ms = group.broadcast(baseline_ms)
             baseline_name = "device copy (read+write)"
         group.barrier()
@@ -164,7 +168,8 @@ def main() -> None:
         for case, t_us, gbs, base, ratio, host in table:
             print(f"{case:<28} {t_us:>9.1f} {gbs:>8.1f} {base:>9.1f} {ratio:>6.2f} {host:>8.1f}")
         path = write_results("dispatch_combine", device_name(num_gpus), mode, rows, args.out,
-                             {"start_up_s": round(start_up_s, 3), "nvshmem_init_s": round(nvshmem_init_s, 3),
+                             {"batch": args.batch, "start_up_s": round(start_up_s, 3),
+                              "nvshmem_init_s": round(nvshmem_init_s, 3),
                               "first_round_trip_s": round(first_call_s, 3)})
         print(f"wrote {path}")
     buffer.destroy()

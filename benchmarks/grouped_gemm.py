@@ -9,8 +9,7 @@ and down projection ``[rows, ffn] x [experts, hidden, ffn]``: xmoe's kernel agai
 ``torch._grouped_mm`` (baseline) and a dense ``torch.matmul`` of the same FLOPs (ceiling);
 the fused rows (SwiGLU, top-k weights) against PyTorch doing the same in separate ops. The
 router against PyTorch's matmul, softmax/sigmoid, (group) top-k sequence. Median of CUDA
-event timings of ``--batch`` calls back to back (GPU time; host time per call is printed by
-``benchmarks/host_profile.py``).
+event timings of ``--batch`` calls back to back (GPU time).
 """
 
 from __future__ import annotations

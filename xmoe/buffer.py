@@ -398,9 +398,12 @@ class Buffer:
         )
         if handle is None:
             self._wait_for_notify(seq, config.timeout_s)
-            handle = self._new_handle(in_rank, send_slot, recv_offsets, handle_block, int(expert_alignment),
-                                      num_local_experts)
-        num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
+            counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
+            num_recv = int(counts[:, self.rank].sum())  # counts: row = source
+            recv_src_idx = _part(handle_block, num_tokens * ranks + ranks + 1, (num_recv,))
+        else:
+            num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
+            recv_src_idx = handle.recv_src_idx
         hidden = payload.shape[1]
         recv_x, recv_x_out = new_output((num_recv, hidden), payload.dtype, origin, origin.dtype == "bfloat16", raw=True)
         has_topk = topk_idx is not None
@@ -412,9 +415,12 @@ class Buffer:
         launch_dispatch_receive(
             config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes,
             num_local_experts, timeout_ns, self._status.device, local["x_words"], local["src_idx"],
-            local["topk_idx"], local["topk_weights"], recv_offsets, _as_words(recv_x), handle.recv_src_idx, recv_idx,
+            local["topk_idx"], local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx,
             recv_weights,
         )
+        if handle is None:  # after the launch: the GPU need not wait for this
+            handle = self._new_handle(counts, in_rank, send_slot, recv_offsets, recv_src_idx, int(expert_alignment),
+                                      num_local_experts)
         self._raise_on_error()
         return (
             recv_x_out(),
@@ -425,22 +431,18 @@ class Buffer:
             plan.finish(),
         )
 
-    def _new_handle(self, in_rank: Any, send_slot: Any, recv_offsets: Any, handle_block: Any, alignment: int,
-                    num_local_experts: int) -> DispatchHandle:
-        """The handle of a dispatch whose notify kernel has left its counts in the status words;
-        its received source indices take the end of ``handle_block``."""
+    def _new_handle(self, counts: np.ndarray, in_rank: Any, send_slot: Any, recv_offsets: Any, recv_src_idx: Any,
+                    alignment: int, num_local_experts: int) -> DispatchHandle:
+        """The handle of a dispatch from its count matrix ``counts`` (row = source) and the
+        per-expert counts the notify kernel left in the status words."""
         ranks = self.num_ranks
-        info = self._status.host
-        counts = info[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()  # row = source
-        per_expert = info[STATUS_INFO + ranks * ranks : STATUS_INFO + ranks * ranks + num_local_experts]
+        first = STATUS_INFO + ranks * ranks
+        per_expert = self._status.host[first : first + num_local_experts]
         if alignment > 1:
             per_expert = -(-per_expert // alignment) * alignment
-        prefix = counts.cumsum(axis=0, dtype=np.int32)
-        received = counts[:, self.rank]
-        first = send_slot.shape[0] * ranks + ranks + 1
-        return DispatchHandle(prefix, _part(handle_block, first, (int(received.sum()),)), in_rank, send_slot,
+        return DispatchHandle(counts.cumsum(axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                               counts[self.rank], recv_offsets, per_expert.tolist(), num_local_experts,
-                              int(received.max()))
+                              int(counts[:, self.rank].max()))
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                       topk_idx, topk_weights) -> None:

@@ -1,0 +1,138 @@
+"""Host time of dispatch/combine calls, by step, and the cost of the single operations a call is made of.
+
+    torchrun --nproc_per_node=2 benchmarks/host_costs.py [--tokens 4096] [--calls 30] [--profile 30]
+
+Host time of a call is its wall time minus the time it spent blocked on the GPU (the
+non-cached dispatch's wait for the receive counts), median over calls. The step table
+wraps the Buffer's helpers with timers (so its totals run a little above the plain calls);
+the single operations are timed alone, back to back; ``--profile N`` adds cProfile's top N
+functions (by own time) over the timed calls. Prints rank 0's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import pstats
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+STEPS = ("launch_notify", "launch_dispatch_send", "launch_dispatch_receive", "launch_combine_send",
+         "launch_combine_reduce", "new_output", "as_array", "_as_words", "_empty")
+
+
+def timed_steps(module: Any, names: tuple[str, ...]) -> dict[str, list[float]]:
+    """Replace ``module.<name>`` by a wrapper that records each call's wall time."""
+    spent: dict[str, list[float]] = collections.defaultdict(list)
+    for name in names:
+        def wrapper(*args: Any, _inner: Callable = getattr(module, name), _name: str = name, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = _inner(*args, **kwargs)
+            spent[_name].append(time.perf_counter() - start)
+            return result
+
+        setattr(module, name, wrapper)
+    return spent
+
+
+def per_call_us(fn: Callable[[], Any], calls: int = 300) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions (0: no profile)")
+    args = parser.parse_args()
+
+    import cupy
+    import torch
+    from numba import cuda
+
+    import xmoe
+    import xmoe.buffer as buffer_module
+    from xmoe.event import StreamPlan, _torch_stream_pointer
+    from xmoe.interop import as_array
+    from xmoe.kernels import launch as launch_module
+
+    group = xmoe.init("cuda")
+    torch.cuda.set_device(group.device)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(args.tokens, 7168, group.world_size, 256, 8))
+    idx = torch.rand(args.tokens, 256, device="cuda").topk(8, dim=1).indices.to(torch.int64)
+    weights = torch.rand(args.tokens, 8, device="cuda")
+    x = torch.randn(args.tokens, 7168, device="cuda").to(torch.bfloat16)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 256)
+
+    def dispatch() -> Any:
+        return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                               num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
+
+    recv_x, _, recv_weights, _, handle, _ = dispatch()
+    calls = {"dispatch": dispatch, "cached dispatch": lambda: buffer.dispatch(x, handle=handle),
+             "combine": lambda: buffer.combine(recv_x, handle, topk_weights=recv_weights)}
+    for fn in calls.values():
+        fn()
+    steps = timed_steps(buffer_module, STEPS)
+    host: dict[str, list[float]] = collections.defaultdict(list)
+    profiler = cProfile.Profile()
+    if args.profile:
+        profiler.enable()
+    for _ in range(args.calls):
+        for name, fn in calls.items():
+            torch.cuda.synchronize()
+            group.barrier()
+            waited = StreamPlan.waited_s
+            start = time.perf_counter()
+            fn()
+            host[name].append((time.perf_counter() - start - (StreamPlan.waited_s - waited)) * 1e6)
+    profiler.disable()
+    torch.cuda.synchronize()
+
+    @cuda.jit
+    def empty_kernel(a, n):
+        pass
+
+    tensor = torch.zeros(4, device="cuda")
+    array, _ = as_array(tensor, "a", raw=True)
+    launch_module.launch(empty_kernel, 1, 32, array, 1)
+    device = torch.device("cuda")
+    single = {
+        "launch of an empty Numba kernel (pack + cuLaunchKernel)": lambda: launch_module.launch(empty_kernel, 1, 32,
+                                                                                                array, 1),
+        "torch.empty [tokens, 7168] bf16": lambda: torch.empty((args.tokens, 7168), dtype=torch.bfloat16,
+                                                              device=device),
+        "cupy.empty [tokens, 7168] uint16": lambda: cupy.empty((args.tokens, 7168), cupy.uint16),
+        "as_array(tensor, raw=True)": lambda: as_array(x, "x", raw=True),
+        "PyTorch current stream pointer": _torch_stream_pointer,
+    }
+    single_us = {name: per_call_us(fn) for name, fn in single.items()}
+    if group.rank == 0:
+        print(f"host time per call, {group.world_size} PEs, {args.tokens} tokens (median of {args.calls}):")
+        for name, values in host.items():
+            print(f"  {name:<18} {np.median(values):8.1f} us")
+        print("steps (median us per call of the step, calls per round of the three calls):")
+        for name, values in sorted(steps.items(), key=lambda item: -np.median(item[1])):
+            print(f"  {name:<26} {np.median(values) * 1e6:8.1f} us  x{len(values) / args.calls:.0f}")
+        print("single operations:")
+        for name, value in single_us.items():
+            print(f"  {name:<58} {value:8.1f} us")
+        if args.profile:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+    buffer.destroy()
+
+
+if __name__ == "__main__":
+    main()
