@@ -27,6 +27,7 @@ from xmoe.layout.dispatch import MAX_LOCAL_EXPERTS, check_threads, launch_dispat
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
 PAYLOAD_DTYPES = ("float32", "bfloat16")
+_DEFAULT_CONFIG = Config()
 
 
 #: How long the host waits for a notify kernel beyond the call's own timeout (the kernel
@@ -197,7 +198,7 @@ class Buffer:
     def _config(self, config: Config | None) -> Config:
         if config is not None and not isinstance(config, Config):
             raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
-        return (config or Config()).resolved(self.group.backend)
+        return (config or _DEFAULT_CONFIG).resolved(self.group.backend)
 
     def _layout(self, row_bytes: int, num_topk: int, num_local_experts: int, rows: int, what: str) -> SymmetricLayout:
         layout = _layout_for(self.num_nvl_bytes, self.num_ranks, row_bytes, num_topk, num_local_experts)

@@ -75,6 +75,11 @@ def _pack(value: Any, parts: list) -> Any:
     return (value.dtype.char, value.ndim)
 
 
+#: Signatures of static arguments, each stood for by a small int: a launch hashes its
+#: signature tuple every call, and a peer tuple's signature is a tuple of tuples.
+_STATIC_SIGNATURES: dict[Any, int] = {}
+
+
 class StaticArg:
     """An argument packed once (GPU) for every launch that passes it (e.g. a tuple of peer views)."""
 
@@ -82,7 +87,8 @@ class StaticArg:
         self.value = value
         self.converted = kernel_arg(value)
         parts: list = []
-        self.signature = None if SIMULATOR else _pack(value, parts)
+        self.signature = None if SIMULATOR else _STATIC_SIGNATURES.setdefault(_pack(value, parts),
+                                                                               len(_STATIC_SIGNATURES))
         self.packed = b"".join(parts)
 
 
