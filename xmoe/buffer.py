@@ -19,7 +19,18 @@ from xmoe.comm import get_heap
 from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, STATUS_ERROR, STATUS_INFO, STATUS_READY, transport
 from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import BFLOAT16, DeviceArray, HostWords, Origin, as_array, new_output, on_gpu, to_host, xp
+from xmoe.interop import (
+    BFLOAT16,
+    DeviceArray,
+    HostWords,
+    Origin,
+    as_array,
+    kernel_view,
+    new_output,
+    on_gpu,
+    to_host,
+    xp,
+)
 from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
 from xmoe.kernels.dispatch import launch_dispatch_receive, launch_dispatch_send, launch_notify
 from xmoe.kernels.launch import static_arg
@@ -52,8 +63,8 @@ def _part(block: Any, first: int, shape: tuple[int, ...]) -> Any:
 
 @lru_cache(maxsize=64)
 def _no_columns(rows: int, dtype: type) -> Any:
-    """A ``[rows, 0]`` backend array: the top-k arguments of a call without top-k."""
-    return xp().empty((rows, 0), dtype)
+    """A ``[rows, 0]`` array: the top-k arguments of a call without top-k."""
+    return kernel_view(xp().empty((rows, 0), dtype))
 
 
 class DispatchHandle(NamedTuple):
@@ -157,9 +168,9 @@ class Buffer:
         self.num_nvl_bytes = int(num_nvl_bytes)
         self._block = get_heap(group).alloc(self.num_nvl_bytes)
         self._seq = 0
-        self._done_counter = xp().zeros(1, np.int32)
-        self._rank_counts = xp().empty(self.num_ranks, np.int32)
-        self._no_counts = xp().zeros(0, np.int32)
+        self._done_counter = kernel_view(xp().zeros(1, np.int32))
+        self._rank_counts = kernel_view(xp().empty(self.num_ranks, np.int32))
+        self._no_counts = kernel_view(xp().zeros(0, np.int32))
         self._status = HostWords(STATUS_INFO + self.num_ranks * self.num_ranks + MAX_LOCAL_EXPERTS)
         self._failure: str | None = None
         self._last_call = ("dispatch", 0.0)  # what a late error report names: the call and its timeout
@@ -492,7 +503,7 @@ class Buffer:
             weights, origin = as_array(topk_weights, "topk_weights", raw=True)
             _check_array(weights, origin, "topk_weights", np.float32, idx.shape)
         else:
-            weights = xp().zeros(idx.shape, np.float32)
+            weights = kernel_view(xp().zeros(idx.shape, np.float32))
         return in_rank, expert_counts, idx, weights
 
     # --------------------------------------------------------------- combine

@@ -90,10 +90,11 @@ class DeviceArray:
     ~10 us of host time per argument). ``owner`` keeps the memory alive.
     """
 
-    __slots__ = ("ptr", "shape", "dtype", "owner")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "_abi")
 
     def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: Any) -> None:
         self.ptr, self.shape, self.dtype, self.owner = ptr, shape, dtype, owner
+        self._abi: tuple[int, ...] | None = None
 
     @property
     def ndim(self) -> int:
@@ -122,7 +123,9 @@ class DeviceArray:
 
     def abi(self) -> tuple[int, ...]:
         """The array in Numba's kernel ABI: meminfo, parent, size, itemsize, data, shape, strides."""
-        return (0, 0, self.size, self.dtype.itemsize, self.ptr, *self.shape, *self.strides)
+        if self._abi is None:
+            self._abi = (0, 0, self.size, self.dtype.itemsize, self.ptr, *self.shape, *self.strides)
+        return self._abi
 
     def get(self) -> np.ndarray:
         """A NumPy copy (as CuPy's ``get``)."""
@@ -151,6 +154,15 @@ class DeviceArray:
     def __cuda_array_interface__(self) -> dict[str, Any]:
         return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
                 "version": 3}
+
+
+def kernel_view(array: Any) -> Any:
+    """A backend array as the kernels take it cheapest: a :class:`DeviceArray` over a CuPy
+    array's memory on the GPU (packing a CuPy array for a launch costs a few us), the array
+    itself on the simulator."""
+    if isinstance(array, np.ndarray):
+        return array
+    return DeviceArray(array.data.ptr, tuple(array.shape), array.dtype, array)
 
 
 class HostWords:
