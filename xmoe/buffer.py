@@ -84,6 +84,8 @@ class DispatchHandle(NamedTuple):
         num_recv_tokens_per_expert_list: tokens received per local expert, padded to the alignment.
         num_local_experts: experts per rank.
         max_recv_per_source: the most tokens one source rank sent here (what combine sends back).
+        launches: the packed launch parameters of the cached dispatches and combines that
+            use this handle (internal: later calls repack only the payload pointers).
     """
 
     rank_prefix_matrix: np.ndarray
@@ -95,6 +97,7 @@ class DispatchHandle(NamedTuple):
     num_recv_tokens_per_expert_list: list[int]
     num_local_experts: int
     max_recv_per_source: int
+    launches: dict
 
 
 @lru_cache(maxsize=None)
@@ -244,6 +247,12 @@ class Buffer:
 
             self._comm_stream = cupy.cuda.Stream(non_blocking=True)
         return StreamPlan(framework, self._comm_stream, previous_event, async_finish)
+
+    def _keep(self, handle: DispatchHandle | None, key: tuple, changing: tuple[int, ...]) -> tuple | None:
+        """``keep`` (see :func:`xmoe.kernels.launch.launch`) for a launch that repeats with
+        ``handle`` (cached dispatch, combine): kept in the handle under this Buffer and ``key``;
+        only the arguments at ``changing`` (payloads, sequence number) differ between calls."""
+        return None if handle is None else (handle.launches, (id(self),) + key, changing)
 
     def _next_call(self, what: str, config: Config) -> tuple[int, int]:
         self._seq += 1
@@ -407,6 +416,7 @@ class Buffer:
             local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"], local["topk_weights"],
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             self._done_counter,
+            keep=self._keep(handle, ("dispatch_send", parity, words.shape, words.dtype.char, config), (0, 19)),
         )
         if handle is None:
             self._wait_for_notify(seq, config.timeout_s)
@@ -424,11 +434,13 @@ class Buffer:
             recv_weights, recv_weights_out = new_output((num_recv, idx.shape[1]), np.float32, origin, raw=True)
         else:
             recv_idx, recv_weights = _no_columns(num_recv, np.int64), _no_columns(num_recv, np.float32)
+        recv_words = _as_words(recv_x)
         launch_dispatch_receive(
             config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes,
             num_local_experts, timeout_ns, self._status.device, local["x_words"], local["src_idx"],
-            local["topk_idx"], local["topk_weights"], recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx,
-            recv_weights,
+            local["topk_idx"], local["topk_weights"], recv_offsets, recv_words, recv_src_idx, recv_idx, recv_weights,
+            keep=self._keep(handle, ("dispatch_receive", parity, recv_words.shape, recv_words.dtype.char, config),
+                            (2, 12)),
         )
         if handle is None:  # after the launch: the GPU need not wait for this
             handle = self._new_handle(counts, in_rank, send_slot, recv_offsets, recv_src_idx, int(expert_alignment),
@@ -454,7 +466,7 @@ class Buffer:
             per_expert = -(-per_expert // alignment) * alignment
         return DispatchHandle(counts.cumsum(axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                               counts[self.rank], recv_offsets, per_expert.tolist(), num_local_experts,
-                              int(counts[:, self.rank].max()))
+                              int(counts[:, self.rank].max()), {})
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                       topk_idx, topk_weights) -> None:
@@ -555,6 +567,8 @@ class Buffer:
             handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"], local["topk_weights"],
             fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
             handle.num_local_experts, self._no_counts, self._done_counter,
+            keep=self._keep(handle, ("combine_send", parity, words.shape, words.dtype.char, weights.shape, config),
+                            (0, 1, 12) if topk_weights is not None else (0, 12)),
         )
         out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16",
                                      raw=True)
@@ -568,6 +582,9 @@ class Buffer:
             local["meta"], self._fields(layout, parity, out_words.dtype)["local"]["x_words"], local["topk_weights"],
             handle.send_slot, seq, row_bytes, handle.num_local_experts, int(config.timeout_s * 1e9), out_words,
             out_weights, self._status.device,
+            keep=self._keep(handle, ("combine_reduce", parity, out_words.shape, out_words.dtype.char,
+                                     payload.dtype.char, out_weights.shape, config),
+                            (5, 9, 10) if topk_weights is not None else (5, 9)),
         )
         self._raise_on_error()
         return out_finish(), out_weights_finish() if topk_weights is not None else None, plan.finish()

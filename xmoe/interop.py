@@ -220,7 +220,8 @@ def _torch_names() -> dict[Any, str]:
     """PyTorch dtype -> its name as :class:`Origin` holds it ("bfloat16", "int64", ...)."""
     import torch
 
-    return {dtype: str(dtype).removeprefix("torch.") for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)}
+    dtypes = [value for value in vars(torch).values() if isinstance(value, torch.dtype)]
+    return {dtype: str(dtype).removeprefix("torch.") for dtype in dtypes}
 
 
 def _from_torch(value: Any, name: str, raw: bool) -> tuple[Any, str]:

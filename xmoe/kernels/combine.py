@@ -98,12 +98,14 @@ def reduce_kernel(element: np.dtype, word: np.dtype) -> Any:
     return combine_reduce
 
 
-def launch_combine_send(transport: Transport, blocks: int, threads: int, stream: int, *args) -> None:
-    """See :func:`combine_send_kernel`; ``x`` is the payload as words ``[rows, words]``."""
-    launch(combine_send_kernel(transport), blocks, threads, *args, stream=stream)
+def launch_combine_send(transport: Transport, blocks: int, threads: int, stream: int, *args, keep=None) -> None:
+    """See :func:`combine_send_kernel`; ``x`` is the payload as words ``[rows, words]``;
+    ``keep``: see :func:`xmoe.kernels.launch.launch`."""
+    launch(combine_send_kernel(transport), blocks, threads, *args, stream=stream, keep=keep)
 
 
-def launch_combine_reduce(element: np.dtype, word: np.dtype, blocks: int, threads: int, stream: int, *args) -> None:
+def launch_combine_reduce(element: np.dtype, word: np.dtype, blocks: int, threads: int, stream: int, *args,
+                          keep=None) -> None:
     """See :func:`reduce_kernel`; ``element`` is float32 or uint16 (bfloat16 bits), ``field_x``
     and ``out`` are the payload as ``word``-sized integers."""
-    launch(reduce_kernel(np.dtype(element), np.dtype(word)), blocks, threads, *args, stream=stream)
+    launch(reduce_kernel(np.dtype(element), np.dtype(word)), blocks, threads, *args, stream=stream, keep=keep)

@@ -226,11 +226,12 @@ def launch_notify(transport: Transport, threads: int, stream: int, is_token_in_r
     launch(notify_kernel(transport), is_token_in_rank.shape[1], threads, is_token_in_rank, *args, stream=stream)
 
 
-def launch_dispatch_send(transport: Transport, blocks: int, threads: int, stream: int, *args) -> None:
-    """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``."""
-    launch(dispatch_send_kernel(transport), blocks, threads, *args, stream=stream)
+def launch_dispatch_send(transport: Transport, blocks: int, threads: int, stream: int, *args, keep=None) -> None:
+    """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``;
+    ``keep``: see :func:`xmoe.kernels.launch.launch`."""
+    launch(dispatch_send_kernel(transport), blocks, threads, *args, stream=stream, keep=keep)
 
 
-def launch_dispatch_receive(blocks: int, threads: int, stream: int, *args) -> None:
+def launch_dispatch_receive(blocks: int, threads: int, stream: int, *args, keep=None) -> None:
     """See :func:`dispatch_receive_kernel`; launched even for no rows (the wait orders the calls)."""
-    launch(dispatch_receive_kernel, blocks, threads, *args, stream=stream)
+    launch(dispatch_receive_kernel, blocks, threads, *args, stream=stream, keep=keep)

@@ -112,44 +112,100 @@ def _cu_launch_kernel() -> Any:
     return function
 
 
-class _Compiled:
-    """A compiled kernel and the parameter block its launches fill (all parameters are 8 bytes)."""
+class _Parameters:
+    """A kernel's parameter block (all parameters are 8 bytes) and the pointer array the driver reads."""
 
-    def __init__(self, handle: int, num_bytes: int) -> None:
-        self.handle = handle
-        self.num_bytes = num_bytes
+    def __init__(self, num_bytes: int) -> None:
         count = num_bytes // 8
+        self.num_bytes = num_bytes
         self.values = (ctypes.c_int64 * count)()
         self.values_address = ctypes.addressof(self.values)
         self.pointers = (ctypes.c_void_p * count)(*(self.values_address + 8 * i for i in range(count)))
         self.pointers_address = ctypes.addressof(self.pointers) if count else None
 
-    def launch(self, blocks: int, threads: int, stream: int, packed: bytes) -> None:
-        ctypes.memmove(self.values_address, packed, self.num_bytes)
-        result = _cu_launch_kernel()(self.handle, blocks, 1, 1, threads, 1, 1, 0, stream, self.pointers_address, None)
+    def launch(self, handle: int, blocks: int, threads: int, stream: int) -> None:
+        result = _cu_launch_kernel()(handle, blocks, 1, 1, threads, 1, 1, 0, stream, self.pointers_address, None)
         if result != 0:
             raise RuntimeError(f"cuLaunchKernel failed (CUresult {result}) for {blocks} x {threads} threads")
+
+
+class _Compiled(_Parameters):
+    """A compiled kernel (``handle``) and the parameter block its launches fill."""
+
+    def __init__(self, handle: int, num_bytes: int) -> None:
+        super().__init__(num_bytes)
+        self.handle = handle
+
+    def launch_packed(self, blocks: int, threads: int, stream: int, packed: bytes) -> None:
+        ctypes.memmove(self.values_address, packed, self.num_bytes)
+        self.launch(self.handle, blocks, threads, stream)
+
+
+class _Prepared(_Parameters):
+    """One call site's launch with every parameter packed once; a later launch rewrites only
+    the arguments at the positions ``changing``: an int's value, an array's data pointer
+    (its shape must be the one prepared)."""
+
+    def __init__(self, compiled: _Compiled, blocks: int, threads: int, args: tuple, changing: tuple[int, ...]) -> None:
+        parts: list = []
+        self.slots: list[tuple[int, tuple[int, ...] | None]] = []
+        offset = 0
+        for position, arg in enumerate(args):
+            first = len(parts)
+            _pack(arg, parts)
+            if position in changing:
+                is_int = type(arg) is int or isinstance(arg, np.integer)
+                self.slots.append((offset, None) if is_int else (offset + 32, tuple(arg.shape)))  # 32: data pointer
+            offset += sum(len(part) for part in parts[first:])
+        super().__init__(offset)
+        ctypes.memmove(self.values_address, b"".join(parts), offset)
+        self.handle, self.blocks, self.threads, self.changing = compiled.handle, blocks, threads, changing
+
+    def relaunch(self, stream: int, values: tuple) -> None:
+        for (offset, shape), value in zip(self.slots, values):
+            if shape is None:
+                _INT.pack_into(self.values, offset, value)
+                continue
+            if tuple(value.shape) != shape:
+                raise ValueError(f"prepared launch: an array of shape {tuple(value.shape)} where {shape} was prepared")
+            _INT.pack_into(self.values, offset, value.ptr if type(value) is DeviceArray else value.data.ptr)
+        self.launch(self.handle, self.blocks, self.threads, stream)
 
 
 _compiled: dict[tuple, _Compiled] = {}
 
 
-def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0) -> None:
-    """Launch ``kernel`` on ``blocks`` x ``threads`` with ``args`` by reference, on ``stream`` (a pointer)."""
+def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0,
+           keep: tuple[dict, Any, tuple[int, ...]] | None = None) -> None:
+    """Launch ``kernel`` on ``blocks`` x ``threads`` with ``args`` by reference, on ``stream`` (a pointer).
+
+    ``keep=(cache, key, changing)``: the packed parameters are kept in ``cache[key]`` and a
+    later launch with the same key repacks only the arguments at the positions ``changing``
+    (the caller's key must fix everything else: the other arguments, the launch shape and
+    the shapes of the changing arrays). Ignored on the simulator.
+    """
     blocks, threads = max(int(blocks), 1), int(threads)
     if SIMULATOR:
         kernel[blocks, threads](*(kernel_arg(a) for a in args))
         return
+    if keep is not None:
+        cache, key, changing = keep
+        prepared = cache.get(key)
+        if prepared is not None and prepared.changing == changing:
+            prepared.relaunch(stream, tuple(args[i] for i in changing))
+            return
     parts: list = []
-    key = (kernel, tuple([_pack(arg, parts) for arg in args]))
-    compiled = _compiled.get(key)
+    signature_key = (kernel, tuple([_pack(arg, parts) for arg in args]))
+    compiled = _compiled.get(signature_key)
     if compiled is not None:
-        compiled.launch(blocks, threads, stream, b"".join(parts))
-        return
-    # first launch of this signature: Numba compiles (or loads from its disk cache) and launches
-    converted = [kernel_arg(a) for a in args]
-    kernel[blocks, threads, numba_stream(stream)](*converted)
-    signature = tuple(kernel.typeof_pyval(a) for a in converted)
-    handle = kernel.overloads[signature]._codelibrary.get_cufunc().handle
-    address = handle.value if isinstance(handle, ctypes.c_void_p) else int(handle)
-    _compiled[key] = _Compiled(address, sum(len(part) for part in parts))
+        compiled.launch_packed(blocks, threads, stream, b"".join(parts))
+    else:
+        # first launch of this signature: Numba compiles (or loads from its disk cache) and launches
+        converted = [kernel_arg(a) for a in args]
+        kernel[blocks, threads, numba_stream(stream)](*converted)
+        signature = tuple(kernel.typeof_pyval(a) for a in converted)
+        handle = kernel.overloads[signature]._codelibrary.get_cufunc().handle
+        address = handle.value if isinstance(handle, ctypes.c_void_p) else int(handle)
+        compiled = _compiled[signature_key] = _Compiled(address, sum(len(part) for part in parts))
+    if keep is not None:
+        cache[key] = _Prepared(compiled, blocks, threads, args, changing)
