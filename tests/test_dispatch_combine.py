@@ -35,3 +35,14 @@ def test_buffer_reuse_many_calls(group):
         routing = make_routing(100 + call, 2, 32, 16, 8, 2, np.float32)
         run_and_check(buffer, group, routing)
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_repeated_cached_dispatch_and_combine(group):
+    """Cached dispatch and combine called again and again with one handle, fresh payloads."""
+    import xmoe
+    from xmoe.testing.checks import check_repeated_calls
+
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(40, 24, 2, 8, 3, np.float32))
+    check_repeated_calls(buffer, group, make_routing(7, 2, 40, 24, 8, 3, BFLOAT16))
+    buffer.destroy()

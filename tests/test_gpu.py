@@ -66,6 +66,19 @@ def test_gpu_deepep_shape(group, ranks, force_put):
 
 
 @pytest.mark.mpi(ranks=2)
+def test_gpu_repeated_cached_dispatch_and_combine(group):
+    """Repeated cached dispatch and combine with one handle reuse their packed launches; every
+    round must see its own payload."""
+    import xmoe
+    from xmoe.testing.checks import check_repeated_calls
+
+    to_device, to_host = torch_io()
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(300, 256, 2, 16, 4))
+    check_repeated_calls(buffer, group, make_routing(8, 2, 300, 256, 16, 4, BFLOAT16), 4, to_device, to_host)
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
 def test_gpu_missing_rank_raises(group):
     import torch
 

@@ -118,3 +118,30 @@ def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_ex
         routing = make_routing(case["seed"], group.world_size, case["tokens"], case["hidden"], num_experts, num_topk,
                                dtype, case["pattern"])
         run_and_check(buffer, group, routing, case["alignment"], case["with_topk"], to_device, to_host)
+
+
+def check_repeated_calls(buffer: Any, group: Any, routing: Routing, calls: int = 3,
+                         to_device: Callable[[np.ndarray], Any] = _identity,
+                         to_host: Callable[[Any], np.ndarray] = _identity) -> None:
+    """One dispatch, then ``calls`` rounds of cached dispatch and weighted combine with the same
+    handle and a fresh payload each round (a repeated call reuses its packed launch on the
+    GPU: each round must see its own payload), each checked against the reference."""
+    me, ranks, num_experts = group.rank, group.world_size, routing.num_experts
+    idx, weights = routing.topk_idx[me], routing.topk_weights[me]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(to_device(idx), num_experts)
+    _, _, recv_w, _, handle, _ = buffer.dispatch(
+        to_device(routing.x[me]), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, topk_idx=to_device(idx), topk_weights=to_device(weights))
+    all_in_rank = [reference.dispatch_layout(i, num_experts, ranks)[2] for i in routing.topk_idx]
+    want_w = [w["recv_topk_weights"] for w in reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights,
+                                                                 num_experts)]
+    for call in range(calls):
+        payloads = [(x.astype(np.float32) * (call + 2) - call).astype(x.dtype) for x in routing.x]
+        want = reference.dispatch(payloads, routing.topk_idx, None, num_experts)
+        recv_x = buffer.dispatch(to_device(payloads[me]), handle=handle)[0]
+        np.testing.assert_array_equal(bits(to_host(recv_x)), bits(want[me]["recv_x"]))
+        expert_out = [(w["recv_x"].astype(np.float32) + call).astype(w["recv_x"].dtype) for w in want]
+        combined, combined_w, _ = buffer.combine(to_device(expert_out[me]), handle, topk_weights=recv_w)
+        want_x, want_cw = reference.combine(expert_out, all_in_rank, want_w)[me]
+        np.testing.assert_array_equal(bits(to_host(combined)), bits(want_x))
+        np.testing.assert_array_equal(to_host(combined_w), want_cw)
