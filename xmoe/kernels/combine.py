@@ -3,10 +3,10 @@
 1. ``combine_send_kernel``: received row ``i`` (from source ``s``, slot ``i - recv_offsets[s]``)
    goes back into this rank's region of ``s``'s symmetric buffer at that same slot,
    with its top-k weights; the last block publishes meta and signals.
-2. ``combine_reduce`` kernels (one per payload type): every block waits, bounded, for
-   every peer (errors go to the Buffer's status words), then each token sums in fp32,
-   in rank order, the rows that came back
-   for it (``send_slot[t, r]`` locates them), and rounds to the payload type.
+2. ``combine_reduce`` kernels (one per payload type and word size): every block waits,
+   bounded, for every peer (errors go to the Buffer's status words), then each token sums
+   in fp32, in rank order, the rows that came back for it (``send_slot[t, r]`` locates
+   them), and rounds to the payload type.
 """
 
 from __future__ import annotations

@@ -124,7 +124,8 @@ def launch_dispatch_layout(
 
 def launch_send_slots(is_token_in_rank, send_slot, tokens_per_rank, num_threads: int, stream: int = 0) -> None:
     """``send_slot`` int32 ``[tokens, ranks]``: slot of each token in each rank's region, -1 if not sent;
-    ``tokens_per_rank`` int32 ``[ranks]``: the column counts."""
+    ``tokens_per_rank`` int32 ``[ranks]``: the column counts. The scan of dispatch's notify
+    kernel (:func:`scan_column`) on its own, as its tests run it."""
     check_threads(num_threads)
     launch(send_slot_kernel, is_token_in_rank.shape[1], num_threads, is_token_in_rank, send_slot, tokens_per_rank,
            stream=stream)
