@@ -25,6 +25,7 @@ from xmoe.interop import (
     HostWords,
     Origin,
     as_array,
+    data_pointer,
     kernel_view,
     new_output,
     on_gpu,
@@ -120,19 +121,13 @@ def _check_payload(array: Any, origin: Origin, name: str, rows: int | None = Non
     _check_array(array, origin, name, origin.dtype, (rows, None))
 
 
-def _data_pointer(array: Any) -> int:
-    if type(array) is DeviceArray:
-        return array.ptr
-    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
-
-
 _WORDS = {w: np.dtype(f"u{w}") for w in (8, 4, 2, 1)}
 
 
 def _as_words(payload: Any) -> Any:
     """The rows of ``payload`` ``[rows, hidden]`` as the widest unsigned words that divide a row."""
     row_bytes = payload.shape[1] * payload.itemsize
-    word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and _data_pointer(payload) % w == 0)
+    word = next(w for w in _WORDS if row_bytes % w == 0 and data_pointer(payload) % w == 0)
     if type(payload) is DeviceArray:
         return DeviceArray(payload.ptr, (payload.shape[0], row_bytes // word), _WORDS[word], payload.owner)
     return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(_WORDS[word])
@@ -177,7 +172,7 @@ class Buffer:
         self._status = HostWords(STATUS_INFO + self.num_ranks * self.num_ranks + MAX_LOCAL_EXPERTS)
         self._failure: str | None = None
         self._last_call = ("dispatch", 0.0)  # what a late error report names: the call and its timeout
-        self._views: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+        self._views: dict[tuple[int, int, int], dict[str, Any]] = {}
         self._comm_stream = None
 
     # ----------------------------------------------------------------- sizes
@@ -203,9 +198,7 @@ class Buffer:
         runtime.get_group()
         if self._block is None:
             raise RuntimeError("this Buffer was destroyed")
-        code = int(self._status.host[STATUS_ERROR])
-        if code and self._failure is None:
-            self._failure = self._error_message(code, *self._last_call)
+        self._take_kernel_error()
         if self._failure is not None:
             raise RuntimeError(f"this Buffer is unusable after an earlier failure ({self._failure}); create a new Buffer")
 
@@ -259,12 +252,18 @@ class Buffer:
         self._last_call = (what, config.timeout_s)
         return self._seq, self._seq % 2
 
+    def _take_kernel_error(self) -> None:
+        """Retire this Buffer (record its failure, once) when a kernel has left an error code in
+        the status words."""
+        code = int(self._status.host[STATUS_ERROR])
+        if code and self._failure is None:
+            self._failure = self._error_message(code, *self._last_call)
+
     def _raise_on_error(self) -> None:
         """Raise, and retire this Buffer, when a kernel has left an error code in the status words
         (the simulator's kernels have finished when this runs; on the GPU a later call sees it)."""
-        code = int(self._status.host[STATUS_ERROR])
-        if code:
-            self._failure = self._error_message(code, *self._last_call)
+        self._take_kernel_error()
+        if self._failure is not None:
             raise RuntimeError(self._failure)
 
     def _wait_for_notify(self, seq: int, timeout_s: float) -> None:
@@ -400,7 +399,8 @@ class Buffer:
         if handle is None:
             # the handle's arrays in one allocation: send slots, receive offsets, room for the
             # source index of every row this rank can receive
-            handle_block = _empty(num_tokens * ranks + ranks + 1 + ranks * layout.capacity, np.int32, origin)
+            src_idx_first = num_tokens * ranks + ranks + 1
+            handle_block = _empty(src_idx_first + ranks * layout.capacity, np.int32, origin)
             send_slot = _part(handle_block, 0, (num_tokens, ranks))
             recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
             launch_notify(
@@ -422,7 +422,7 @@ class Buffer:
             self._wait_for_notify(seq, config.timeout_s)
             counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
             num_recv = int(counts[:, self.rank].sum())  # counts: row = source
-            recv_src_idx = _part(handle_block, num_tokens * ranks + ranks + 1, (num_recv,))
+            recv_src_idx = _part(handle_block, src_idx_first, (num_recv,))
         else:
             num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
             recv_src_idx = handle.recv_src_idx

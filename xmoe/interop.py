@@ -156,6 +156,13 @@ class DeviceArray:
                 "version": 3}
 
 
+def data_pointer(array: Any) -> int:
+    """The address of the first element of a NumPy, CuPy or :class:`DeviceArray` array."""
+    if type(array) is DeviceArray:
+        return array.ptr
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
+
+
 def kernel_view(array: Any) -> Any:
     """A backend array as the kernels take it cheapest: a :class:`DeviceArray` over a CuPy
     array's memory on the GPU (packing a CuPy array for a launch costs a few us), the array
@@ -199,6 +206,11 @@ class HostWords:
             self._pointer = 0
 
 
+def _raw_view(tensor: Any, dtype: np.dtype) -> DeviceArray:
+    """A :class:`DeviceArray` over a contiguous CUDA tensor's memory, keeping the tensor alive."""
+    return DeviceArray(tensor.data_ptr(), tuple(tensor.shape), dtype, tensor)
+
+
 def _cupy_view(tensor: Any, dtype: np.dtype) -> Any:
     """A CuPy array over a contiguous CUDA tensor's memory, keeping the tensor alive.
 
@@ -235,9 +247,7 @@ def _from_torch(value: Any, name: str, raw: bool) -> tuple[Any, str]:
     if on_gpu() and storage is not None:
         if not value.is_contiguous():
             value = value.detach().contiguous()
-        if raw:
-            return DeviceArray(value.data_ptr(), tuple(value.shape), storage, value), dtype
-        return _cupy_view(value.detach(), storage), dtype
+        return (_raw_view(value, storage) if raw else _cupy_view(value.detach(), storage)), dtype
     value = value.detach()
     if value.dtype == torch.bfloat16:
         value = value.view(torch.int16)
@@ -348,7 +358,6 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat1
         dtype = np.dtype(dtype)
         torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[dtype]
         tensor = torch.empty(shape, dtype=torch_dtype, device=_current_cuda())
-        view = DeviceArray(tensor.data_ptr(), tuple(tensor.shape), dtype, tensor) if raw else _cupy_view(tensor, dtype)
-        return poisoned(view), lambda: tensor
+        return poisoned(_raw_view(tensor, dtype) if raw else _cupy_view(tensor, dtype)), lambda: tensor
     array = poisoned(xp().empty(shape, dtype))
     return array, lambda: to_origin(array, origin, bfloat16)

@@ -27,7 +27,7 @@ from numba import cuda
 
 from xmoe.comm.device import SIMULATOR
 
-from xmoe.interop import DeviceArray
+from xmoe.interop import DeviceArray, data_pointer
 
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -168,7 +168,7 @@ class _Prepared(_Parameters):
                 continue
             if tuple(value.shape) != shape:
                 raise ValueError(f"prepared launch: an array of shape {tuple(value.shape)} where {shape} was prepared")
-            _INT.pack_into(self.values, offset, value.ptr if type(value) is DeviceArray else value.data.ptr)
+            _INT.pack_into(self.values, offset, data_pointer(value))
         self.launch(self.handle, self.blocks, self.threads, stream)
 
 
