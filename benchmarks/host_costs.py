@@ -20,14 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-STEPS = ("launch_notify", "launch_dispatch_send", "launch_dispatch_receive", "launch_combine_send",
-         "launch_combine_reduce", "new_output", "as_array", "_as_words", "_empty")
+STEPS = ("launch_notify", "launch_dispatch", "new_output", "as_array", "_as_words", "_empty")
 
 
-def timed_steps(module: Any, names: tuple[str, ...]) -> dict[str, list[float]]:
-    """Replace ``module.<name>`` by a wrapper that records each call's wall time."""
+def timed_steps(steps: list[tuple[Any, str]]) -> dict[str, list[float]]:
+    """Replace each ``owner.<name>`` of ``steps`` by a wrapper that records each call's wall time."""
     spent: dict[str, list[float]] = collections.defaultdict(list)
-    for name in names:
+    for module, name in steps:
         def wrapper(*args: Any, _inner: Callable = getattr(module, name), _name: str = name, **kwargs: Any) -> Any:
             start = time.perf_counter()
             result = _inner(*args, **kwargs)
@@ -85,7 +84,8 @@ def main() -> None:
              "combine": lambda: buffer.combine(recv_x, handle, topk_weights=recv_weights)}
     for fn in calls.values():
         fn()
-    steps = timed_steps(buffer_module, STEPS)
+    # Prepared.__call__: the launch of a cached dispatch or a combine
+    steps = timed_steps([(buffer_module, name) for name in STEPS] + [(launch_module.Prepared, "__call__")])
     host: dict[str, list[float]] = collections.defaultdict(list)
     profiler = cProfile.Profile()
     if args.profile:

@@ -26,21 +26,20 @@ from xmoe.interop import (
     Origin,
     as_array,
     data_pointer,
+    dtype_name,
     kernel_view,
     new_output,
     on_gpu,
     to_host,
     xp,
 )
-from xmoe.kernels.combine import launch_combine_reduce, launch_combine_send
-from xmoe.kernels.dispatch import launch_dispatch_receive, launch_dispatch_send, launch_notify
-from xmoe.kernels.launch import static_arg
+from xmoe.kernels.combine import prepare_combine
+from xmoe.kernels.dispatch import RECEIVE, SEND, launch_dispatch, launch_notify, prepare_dispatch
+from xmoe.kernels.launch import Prepared, static_arg
 from xmoe.layout.dispatch import MAX_LOCAL_EXPERTS, check_threads, launch_dispatch_layout
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
 PAYLOAD_DTYPES = ("float32", "bfloat16")
-_DEFAULT_CONFIG = Config()
-
 
 #: How long the host waits for a notify kernel beyond the call's own timeout (the kernel
 #: may sit behind earlier work on the stream).
@@ -85,8 +84,10 @@ class DispatchHandle(NamedTuple):
         num_recv_tokens_per_expert_list: tokens received per local expert, padded to the alignment.
         num_local_experts: experts per rank.
         max_recv_per_source: the most tokens one source rank sent here (what combine sends back).
-        launches: the packed launch parameters of the cached dispatches and combines that
-            use this handle (internal: later calls repack only the payload pointers).
+        num_recv: the rows this rank received (``recv_x``'s length).
+        launches: the prepared launches (:class:`xmoe.kernels.launch.Prepared`) of the cached
+            dispatches and combines that use this handle, by Buffer, parity and argument set
+            (internal: later calls change only the payloads and the sequence number).
     """
 
     rank_prefix_matrix: np.ndarray
@@ -98,18 +99,14 @@ class DispatchHandle(NamedTuple):
     num_recv_tokens_per_expert_list: list[int]
     num_local_experts: int
     max_recv_per_source: int
+    num_recv: int
     launches: dict
-
-
-@lru_cache(maxsize=None)
-def _dtype_name(dtype: Any) -> str:
-    return np.dtype(dtype).name
 
 
 def _check_array(array: Any, origin: Origin, name: str, dtype: Any, shape: tuple[int | None, ...]) -> None:
     """``ValueError`` naming ``name`` unless ``array`` has ``dtype`` and ``shape`` (None: any size)."""
-    if origin.dtype != _dtype_name(dtype):
-        raise ValueError(f"{name}: expected dtype {_dtype_name(dtype)}, got {origin.dtype}")
+    if origin.dtype != dtype_name(dtype):
+        raise ValueError(f"{name}: expected dtype {dtype_name(dtype)}, got {origin.dtype}")
     if len(array.shape) != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
         wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {wanted}, got {list(array.shape)}")
@@ -125,9 +122,11 @@ _WORDS = {w: np.dtype(f"u{w}") for w in (8, 4, 2, 1)}
 
 
 def _as_words(payload: Any) -> Any:
-    """The rows of ``payload`` ``[rows, hidden]`` as the widest unsigned words that divide a row."""
+    """The rows of ``payload`` ``[rows, hidden]`` as the widest unsigned words (at most 8 bytes)
+    that divide a row and the address."""
     row_bytes = payload.shape[1] * payload.itemsize
-    word = next(w for w in _WORDS if row_bytes % w == 0 and data_pointer(payload) % w == 0)
+    span = row_bytes | data_pointer(payload) | 8
+    word = span & -span  # its lowest set bit: the widest power of two dividing both, at most 8
     if type(payload) is DeviceArray:
         return DeviceArray(payload.ptr, (payload.shape[0], row_bytes // word), _WORDS[word], payload.owner)
     return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(_WORDS[word])
@@ -166,7 +165,9 @@ class Buffer:
         self.num_nvl_bytes = int(num_nvl_bytes)
         self._block = get_heap(group).alloc(self.num_nvl_bytes)
         self._seq = 0
-        self._done_counter = kernel_view(xp().zeros(1, np.int32))
+        # what config=None means, resolved once: reading the environment costs a few us a call
+        self._default_config = Config().resolved(group.backend)
+        self._work = kernel_view(xp().zeros(4, np.int32))  # the kernels' work counters (comm/device.py)
         self._rank_counts = kernel_view(xp().empty(self.num_ranks, np.int32))
         self._no_counts = kernel_view(xp().zeros(0, np.int32))
         self._status = HostWords(STATUS_INFO + self.num_ranks * self.num_ranks + MAX_LOCAL_EXPERTS)
@@ -205,7 +206,7 @@ class Buffer:
     def _config(self, config: Config | None) -> Config:
         if config is not None and not isinstance(config, Config):
             raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
-        return (config or _DEFAULT_CONFIG).resolved(self.group.backend)
+        return self._default_config if config is None else config.resolved(self.group.backend)
 
     def _layout(self, row_bytes: int, num_topk: int, num_local_experts: int, rows: int, what: str) -> SymmetricLayout:
         layout = _layout_for(self.num_nvl_bytes, self.num_ranks, row_bytes, num_topk, num_local_experts)
@@ -240,12 +241,6 @@ class Buffer:
 
             self._comm_stream = cupy.cuda.Stream(non_blocking=True)
         return StreamPlan(framework, self._comm_stream, previous_event, async_finish)
-
-    def _keep(self, handle: DispatchHandle | None, key: tuple, changing: tuple[int, ...]) -> tuple | None:
-        """``keep`` (see :func:`xmoe.kernels.launch.launch`) for a launch that repeats with
-        ``handle`` (cached dispatch, combine): kept in the handle under this Buffer and ``key``;
-        only the arguments at ``changing`` (payloads, sequence number) differ between calls."""
-        return None if handle is None else (handle.launches, (id(self),) + key, changing)
 
     def _next_call(self, what: str, config: Config) -> tuple[int, int]:
         self._seq += 1
@@ -361,7 +356,8 @@ class Buffer:
             topk_idx: int64 ``[tokens, k]`` or None.
             topk_weights: float32 ``[tokens, k]`` or None (needs ``topk_idx``).
             expert_alignment: per-expert received counts are padded to a multiple of it.
-            config: launch configuration; None for the defaults.
+            config: launch configuration; None for the defaults (with the environment as it was
+                when the Buffer was created: ``XMOE_TIMEOUT_S``, ``XMOE_FORCE_PUT``).
             previous_event / async_finish: as in DeepEP (see :class:`EventOverlap`).
 
         Returns:
@@ -375,19 +371,17 @@ class Buffer:
         config = self._config(config)
         payload, origin = as_array(x, "x", raw=True)
         _check_payload(payload, origin, "x")
+        plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = payload.shape[0]
-        ranks = self.num_ranks
         if handle is not None:
             self._check_cached(handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                topk_idx, topk_weights)
-            num_local_experts = handle.num_local_experts
-            idx, weights = _no_columns(num_tokens, np.int64), _no_columns(num_tokens, np.float32)
-        else:
-            in_rank, expert_counts, idx, weights = self._routing(num_tokens, num_tokens_per_rank, is_token_in_rank,
-                                                                 num_tokens_per_expert, topk_idx, topk_weights,
-                                                                 expert_alignment, config)
-            num_local_experts = expert_counts.shape[0] // ranks
-        plan = self._plan(origin.framework, previous_event, async_finish)
+            return self._cached_dispatch(payload, origin, handle, config, plan)
+        in_rank, expert_counts, idx, weights = self._routing(num_tokens, num_tokens_per_rank, is_token_in_rank,
+                                                             num_tokens_per_expert, topk_idx, topk_weights,
+                                                             expert_alignment, config)
+        ranks = self.num_ranks
+        num_local_experts = expert_counts.shape[0] // ranks
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self._layout(row_bytes, idx.shape[1], num_local_experts, num_tokens, "dispatch")
         words = _as_words(payload)
@@ -395,56 +389,42 @@ class Buffer:
         fields = self._fields(layout, parity, words.dtype)
         local = fields["local"]
         writes = transport(config.force_put)
+        # the handle's arrays in one allocation: send slots, receive offsets, room for the
+        # source index of every row this rank can receive
+        src_idx_first = num_tokens * ranks + ranks + 1
+        handle_block = _empty(src_idx_first + ranks * layout.capacity, np.int32, origin)
+        send_slot = _part(handle_block, 0, (num_tokens, ranks))
+        recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
         timeout_ns = int(config.timeout_s * 1e9)
-        if handle is None:
-            # the handle's arrays in one allocation: send slots, receive offsets, room for the
-            # source index of every row this rank can receive
-            src_idx_first = num_tokens * ranks + ranks + 1
-            handle_block = _empty(src_idx_first + ranks * layout.capacity, np.int32, origin)
-            send_slot = _part(handle_block, 0, (num_tokens, ranks))
-            recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
-            launch_notify(
-                writes, config.num_threads, plan.pointer, in_rank, expert_counts, send_slot, self._rank_counts,
-                fields["meta"], local["meta"], fields["notify_signals"], local["notify_signals"], self.rank, seq,
-                row_bytes, idx.shape[1], timeout_ns, self._done_counter, recv_offsets, self._status.device,
-            )
-        else:
-            send_slot, recv_offsets = handle.send_slot, handle.recv_offsets
-        launch_dispatch_send(
-            writes, config.num_sms, config.num_threads, plan.pointer, words, idx, weights, send_slot,
-            num_local_experts, self._no_counts, fields["x_words"], local["x_words"], fields["src_idx"],
-            local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"], local["topk_weights"],
-            fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
-            self._done_counter,
-            keep=self._keep(handle, ("dispatch_send", parity, words.shape, words.dtype.char, config), (0, 19)),
+        launch_notify(
+            writes, config.num_threads, plan.pointer, in_rank, expert_counts, send_slot, self._rank_counts,
+            fields["meta"], local["meta"], fields["notify_signals"], local["notify_signals"], self.rank, seq,
+            row_bytes, idx.shape[1], timeout_ns, self._work, recv_offsets, self._status.device,
         )
-        if handle is None:
-            self._wait_for_notify(seq, config.timeout_s)
-            counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
-            num_recv = int(counts[:, self.rank].sum())  # counts: row = source
-            recv_src_idx = _part(handle_block, src_idx_first, (num_recv,))
-        else:
-            num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
-            recv_src_idx = handle.recv_src_idx
-        hidden = payload.shape[1]
-        recv_x, recv_x_out = new_output((num_recv, hidden), payload.dtype, origin, origin.dtype == "bfloat16", raw=True)
+        # the send is queued behind notify now; the receive once the host has sized the outputs
+        no_rows = (_no_columns(0, words.dtype), self._no_counts, _no_columns(0, np.int64), _no_columns(0, np.float32))
+        launch_dispatch(writes, SEND, config, plan.pointer,
+                        *self._dispatch_args(layout, parity, words, idx, weights, send_slot, num_local_experts, seq,
+                                             config, recv_offsets, *no_rows))
+        self._wait_for_notify(seq, config.timeout_s)
+        counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
+        num_recv = int(counts[:, self.rank].sum())  # counts: row = source
+        recv_src_idx = _part(handle_block, src_idx_first, (num_recv,))
+        recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin,
+                                        origin.dtype == "bfloat16", raw=True)
         has_topk = topk_idx is not None
         if has_topk:
             recv_idx, recv_idx_out = new_output((num_recv, idx.shape[1]), np.int64, origin, raw=True)
             recv_weights, recv_weights_out = new_output((num_recv, idx.shape[1]), np.float32, origin, raw=True)
         else:
             recv_idx, recv_weights = _no_columns(num_recv, np.int64), _no_columns(num_recv, np.float32)
-        recv_words = _as_words(recv_x)
-        launch_dispatch_receive(
-            config.num_sms, config.num_threads, plan.pointer, local["signals"], local["meta"], seq, row_bytes,
-            num_local_experts, timeout_ns, self._status.device, local["x_words"], local["src_idx"],
-            local["topk_idx"], local["topk_weights"], recv_offsets, recv_words, recv_src_idx, recv_idx, recv_weights,
-            keep=self._keep(handle, ("dispatch_receive", parity, recv_words.shape, recv_words.dtype.char, config),
-                            (2, 12)),
-        )
-        if handle is None:  # after the launch: the GPU need not wait for this
-            handle = self._new_handle(counts, in_rank, send_slot, recv_offsets, recv_src_idx, int(expert_alignment),
-                                      num_local_experts)
+        launch_dispatch(writes, RECEIVE, config, plan.pointer,
+                        *self._dispatch_args(layout, parity, words, idx, weights, send_slot, num_local_experts, seq,
+                                             config, recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx,
+                                             recv_weights))
+        # after the launch: the GPU need not wait for this
+        handle = self._new_handle(counts, in_rank, send_slot, recv_offsets, recv_src_idx, int(expert_alignment),
+                                  num_local_experts)
         self._raise_on_error()
         return (
             recv_x_out(),
@@ -454,6 +434,45 @@ class Buffer:
             handle,
             plan.finish(),
         )
+
+    def _dispatch_args(self, layout: SymmetricLayout, parity: int, words: Any, idx: Any, weights: Any,
+                       send_slot: Any, num_local_experts: int, seq: int, config: Config, recv_offsets: Any,
+                       recv_words: Any, recv_src_idx: Any, recv_idx: Any, recv_weights: Any) -> tuple:
+        """The arguments of :func:`xmoe.kernels.dispatch.dispatch_kernel` after ``phases``."""
+        fields = self._fields(layout, parity, words.dtype)
+        local = fields["local"]
+        return (
+            words, idx, weights, send_slot, num_local_experts, self._no_counts, fields["x_words"], local["x_words"],
+            fields["src_idx"], local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"],
+            local["topk_weights"], fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq,
+            words.shape[1] * words.itemsize, self._work, int(config.timeout_s * 1e9), self._status.device,
+            self._fields(layout, parity, recv_words.dtype)["local"]["x_words"], recv_offsets, recv_words,
+            recv_src_idx, recv_idx, recv_weights,
+        )
+
+    def _cached_dispatch(self, payload: Any, origin: Origin, handle: DispatchHandle, config: Config,
+                         plan: StreamPlan | HostPlan) -> tuple:
+        """A dispatch that repeats ``handle``'s routing: one launch that sends and receives,
+        prepared once per handle, parity and argument set."""
+        recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin,
+                                        origin.dtype == "bfloat16", raw=True)
+        words, recv_words = _as_words(payload), _as_words(recv_x)
+        seq, parity = self._next_call("dispatch", config)
+        key = ("dispatch", id(self), parity, words.shape, words.dtype, recv_words.dtype, config)
+        prepared = handle.launches.get(key)
+        if prepared is None:
+            row_bytes = payload.shape[1] * payload.itemsize
+            layout = self._layout(row_bytes, 0, handle.num_local_experts, payload.shape[0], "dispatch")
+            args = self._dispatch_args(layout, parity, words, _no_columns(payload.shape[0], np.int64),
+                                       _no_columns(payload.shape[0], np.float32), handle.send_slot,
+                                       handle.num_local_experts, seq, config, handle.recv_offsets, recv_words,
+                                       handle.recv_src_idx, _no_columns(handle.num_recv, np.int64),
+                                       _no_columns(handle.num_recv, np.float32))
+            prepared = handle.launches[key] = prepare_dispatch(transport(config.force_put), config, args,
+                                                               changing=(0, 19, 26))  # words, seq, recv_words
+        prepared(plan.pointer, words, seq, recv_words)
+        self._raise_on_error()
+        return recv_x_out(), None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
 
     def _new_handle(self, counts: np.ndarray, in_rank: Any, send_slot: Any, recv_offsets: Any, recv_src_idx: Any,
                     alignment: int, num_local_experts: int) -> DispatchHandle:
@@ -466,7 +485,7 @@ class Buffer:
             per_expert = -(-per_expert // alignment) * alignment
         return DispatchHandle(counts.cumsum(axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                               counts[self.rank], recv_offsets, per_expert.tolist(), num_local_experts,
-                              int(counts[:, self.rank].max()), {})
+                              int(counts[:, self.rank].max()), int(counts[:, self.rank].sum()), {})
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                       topk_idx, topk_weights) -> None:
@@ -545,7 +564,7 @@ class Buffer:
         config = self._config(config)
         if not isinstance(handle, DispatchHandle):
             raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
-        num_recv = int(handle.rank_prefix_matrix[-1, self.rank])
+        num_recv = handle.num_recv
         payload, origin = as_array(x, "x", raw=True)
         _check_payload(payload, origin, "x", num_recv)
         if topk_weights is not None:
@@ -555,39 +574,42 @@ class Buffer:
             weights = _no_columns(num_recv, np.float32)
         plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = handle.is_token_in_rank.shape[0]
-        row_bytes = payload.shape[1] * payload.itemsize
-        layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, handle.max_recv_per_source,
-                              "combine")
-        words = _as_words(payload)
-        seq, parity = self._next_call("combine", config)
-        fields = self._fields(layout, parity, words.dtype)
-        local = fields["local"]
-        launch_combine_send(
-            transport(config.force_put), config.num_sms, config.num_threads, plan.pointer, words, weights,
-            handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"], local["topk_weights"],
-            fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq, row_bytes,
-            handle.num_local_experts, self._no_counts, self._done_counter,
-            keep=self._keep(handle, ("combine_send", parity, words.shape, words.dtype.char, weights.shape, config),
-                            (0, 1, 12) if topk_weights is not None else (0, 12)),
-        )
         out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, origin.dtype == "bfloat16",
                                      raw=True)
-        out_words = _as_words(out)
         if topk_weights is not None:
             out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin, raw=True)
         else:
             out_weights = _no_columns(num_tokens, np.float32)
-        launch_combine_reduce(
-            payload.dtype, out_words.dtype, config.num_sms, config.num_threads, plan.pointer, local["signals"],
-            local["meta"], self._fields(layout, parity, out_words.dtype)["local"]["x_words"], local["topk_weights"],
-            handle.send_slot, seq, row_bytes, handle.num_local_experts, int(config.timeout_s * 1e9), out_words,
-            out_weights, self._status.device,
-            keep=self._keep(handle, ("combine_reduce", parity, out_words.shape, out_words.dtype.char,
-                                     payload.dtype.char, out_weights.shape, config),
-                            (5, 9, 10) if topk_weights is not None else (5, 9)),
-        )
+        words, out_words = _as_words(payload), _as_words(out)
+        seq, parity = self._next_call("combine", config)
+        key = ("combine", id(self), parity, words.shape, words.dtype, out_words.dtype, payload.dtype, weights.shape,
+               config)
+        prepared = handle.launches.get(key)
+        if prepared is None:
+            prepared = handle.launches[key] = self._prepare_combine(handle, payload, words, weights, out_words,
+                                                                    out_weights, seq, parity, config)
+        prepared(plan.pointer, words, weights, seq, out_words, out_weights)
         self._raise_on_error()
         return out_finish(), out_weights_finish() if topk_weights is not None else None, plan.finish()
+
+    def _prepare_combine(self, handle: DispatchHandle, payload: Any, words: Any, weights: Any, out_words: Any,
+                         out_weights: Any, seq: int, parity: int, config: Config) -> Prepared:
+        """The combine launch for ``handle`` and this argument set, prepared once: later calls
+        change the payload, the top-k weights, the sequence number and the outputs."""
+        row_bytes = payload.shape[1] * payload.itemsize
+        layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, handle.max_recv_per_source,
+                              "combine")
+        fields = self._fields(layout, parity, words.dtype)
+        local = fields["local"]
+        args = (
+            words, weights, handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"],
+            local["topk_weights"], fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq,
+            row_bytes, handle.num_local_experts, self._no_counts, self._work, int(config.timeout_s * 1e9),
+            self._status.device, self._fields(layout, parity, out_words.dtype)["local"]["x_words"],
+            handle.send_slot, out_words, out_weights,
+        )
+        return prepare_combine(transport(config.force_put), payload.dtype, out_words.dtype, config, args,
+                               changing=(0, 1, 12, 21, 22))
 
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:

@@ -96,20 +96,22 @@ class StreamPlan:
     def __init__(self, framework: str, comm_stream: Any, previous_event: EventOverlap | None, async_finish: bool):
         self.framework = framework
         self.async_finish = async_finish
+        waits = previous_event is not None and previous_event.event is not None
+        if not (async_finish or waits):  # the common call: only the caller's stream pointer is needed
+            self.stream = None
+            self.pointer = _torch_stream_pointer() if framework == "torch" else current_stream(framework).ptr
+            return
         compute = current_stream(framework)
         self.stream = comm_stream if async_finish else compute
-        if previous_event is not None and previous_event.event is not None:
+        self.pointer = self.stream.ptr
+        if waits:
             self.stream.wait_event(previous_event.event)
-        elif async_finish:
+        else:
             self.stream.wait_event(compute.record())
-
-    @property
-    def pointer(self) -> int:
-        return self.stream.ptr
 
     def synchronize(self) -> None:
         start = time.perf_counter()
-        self.stream.synchronize()
+        (self.stream or current_stream(self.framework)).synchronize()
         StreamPlan.waited_s += time.perf_counter() - start
 
     def finish(self) -> EventOverlap:

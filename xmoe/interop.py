@@ -54,6 +54,12 @@ def to_host(array: Any) -> np.ndarray:
     return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else array
 
 
+@lru_cache(maxsize=None)
+def dtype_name(dtype: Any) -> str:
+    """``np.dtype(dtype).name`` (cached: it builds the name in Python every time)."""
+    return np.dtype(dtype).name
+
+
 def framework_of(value: Any) -> str:
     module = type(value).__module__.split(".")[0]
     if module in ("jaxlib", "jax"):
@@ -285,11 +291,11 @@ def as_array(value: Any, name: str, raw: bool = False) -> tuple[Any, Origin]:
     elif framework == "cupy":
         if not on_gpu():
             raise ValueError(f"{name}: a CuPy array was passed to the CPU simulation backend")
-        array, dtype = value, str(value.dtype)
+        array, dtype = value, dtype_name(value.dtype)
     else:
         if on_gpu():
             raise ValueError(f"{name}: a NumPy array was passed to the cuda backend; pass a device tensor")
-        array, dtype = value, str(value.dtype)
+        array, dtype = value, dtype_name(value.dtype)
         if value.dtype == BFLOAT16:
             array = value.view(np.uint16)
     if type(array) is not DeviceArray and not array.flags.c_contiguous:
@@ -322,10 +328,16 @@ def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
     raise ValueError(f"cannot return an array to {framework}")
 
 
+@lru_cache(maxsize=1)
+def _poison() -> bool:
+    """``XMOE_POISON=1`` in the environment at the first output (read once: it is on every call's path)."""
+    return os.environ.get("XMOE_POISON") == "1"
+
+
 def poisoned(array: Any) -> Any:
     """``array`` filled with 0xFF bytes (NaN, -1) under ``XMOE_POISON=1``, so that a test sees
     any element a kernel failed to write; untouched otherwise."""
-    if os.environ.get("XMOE_POISON") == "1":
+    if _poison():
         if type(array) is DeviceArray:
             import cupy
 

@@ -132,6 +132,12 @@ class Group:
         count = gpu_count()
         return self.local_rank % count if count else -1
 
+    @property
+    def ranks_on_device(self) -> int:
+        """How many ranks of this node share this rank's GPU (PEs on one GPU; 1 normally)."""
+        count = gpu_count()
+        return len(range(self.device, self.local_world_size, count)) if count else 1
+
     def barrier(self) -> None:
         """Host-side barrier across all ranks."""
         if self.launcher == "mpi":

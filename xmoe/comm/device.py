@@ -106,18 +106,59 @@ def report_error(status, code):
     status[STATUS_ERROR] = code
 
 
+# A kernel's work counters (int32[4], zero between launches). Blocks take items (tokens or
+# rows, CLAIM at a time) as they come, so the blocks that are on the GPU do all the work
+# whichever others are not (ranks sharing a GPU hold SMs while they wait): the next item of
+# the first phase, the items finished, the next item of the second phase, the blocks exited.
+WORK_NEXT, WORK_DONE, WORK_NEXT_SECOND, WORK_EXITED = 0, 1, 2, 3
+CLAIM = 4
+
+
 @cuda.jit(device=True)
-def last_block_done(done_counter, flag):
+def claim(work, index, slot):
+    """Block-wide: the first of the next ``CLAIM`` items of counter ``work[index]``, the same
+    in every thread (``slot``: a shared int32 array of one element)."""
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        slot[0] = cuda.atomic.add(work, index, CLAIM)
+    cuda.syncthreads()
+    return slot[0]
+
+
+@cuda.jit(device=True)
+def finished_last(work, count, total, slot):
+    """Block-wide, once every thread has fenced its writes: count the block's ``count`` finished
+    items of ``total``; True in every thread of the block that finishes the last one (block 0
+    when ``total`` is 0)."""
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        done = cuda.atomic.add(work, WORK_DONE, count) + count
+        slot[0] = 1 if (count > 0 and done == total) or (total == 0 and cuda.blockIdx.x == 0) else 0
+    cuda.syncthreads()
+    return slot[0] == 1
+
+
+@cuda.jit(device=True)
+def exit_block(work):
+    """Every block, last: the block that exits last zeroes the counters for the next launch."""
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0 and cuda.atomic.add(work, WORK_EXITED, 1) == cuda.gridDim.x - 1:
+        for i in range(4):
+            work[i] = 0
+
+
+@cuda.jit(device=True)
+def last_block_done(work, flag):
     """Count this block as finished; True in every thread of the block that finishes last.
 
     Every thread must have fenced its stores before calling. ``flag`` is a shared int32
-    array of one element; the counter is reset by the last block for the next launch.
+    array of one element; the counter ``work[WORK_DONE]`` is reset by the last block.
     """
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
         flag[0] = 0
-        if cuda.atomic.add(done_counter, 0, 1) == cuda.gridDim.x - 1:
-            done_counter[0] = 0
+        if cuda.atomic.add(work, WORK_DONE, 1) == cuda.gridDim.x - 1:
+            work[WORK_DONE] = 0
             flag[0] = 1
     cuda.syncthreads()
     return flag[0] == 1

@@ -5,15 +5,15 @@
    rank's counts (meta row + notify signal) to every peer, waits, bounded, for every
    peer's, and leaves the count matrix and per-expert counts in the Buffer's host-visible
    status words (the host sizes the outputs from them) and the receive offsets on the device.
-2. ``dispatch_send``: every token row (payload words, source index, local top-k ids and
-   weights) goes straight into slot ``send_slot[t, dst]`` of this rank's region in each
-   destination's symmetric buffer (stores or NVSHMEM puts); the block that finishes
-   last raises the data signal (the call's sequence number) in every destination.
-3. ``dispatch_receive``: waits, bounded, for every source's data signal, then moves the
-   received rows, ordered by source rank then by source token, into the outputs.
+2. ``dispatch`` with phase ``SEND``: every token row (payload words, source index, local
+   top-k ids and weights) goes straight into slot ``send_slot[t, dst]`` of this rank's
+   region in each destination's symmetric buffer (stores or NVSHMEM puts); the block that
+   finishes last raises the data signal (the call's sequence number) in every destination.
+3. ``dispatch`` with phase ``RECEIVE``: waits, bounded, for every source's data signal, then
+   moves the received rows, ordered by source rank then by source token, into the outputs.
 
 Nothing here makes the host wait: 2 is queued behind 1 at once, and 3 as soon as the host
-has read the counts (cached dispatch: at once).
+has read the counts. A cached dispatch (counts known) runs 2 and 3 in one launch.
 """
 
 from __future__ import annotations
@@ -25,19 +25,26 @@ import numpy as np
 from numba import cuda
 
 from xmoe.comm.device import (
+    CLAIM,
     ERR_MISMATCH,
     ERR_TIMEOUT,
     STATUS_ERROR,
     STATUS_INFO,
     STATUS_READY,
+    WORK_NEXT,
+    WORK_NEXT_SECOND,
     Transport,
+    claim,
     copy_row,
+    exit_block,
+    finished_last,
     last_block_done,
     load_fresh,
     report_error,
     wait_signal,
 )
-from xmoe.kernels.launch import launch
+from xmoe.config import Config
+from xmoe.kernels.launch import Prepared, launch
 from xmoe.layout.dispatch import scan_column
 from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTES, META_TOPK
 
@@ -137,13 +144,13 @@ def notify_kernel(transport: Transport) -> Any:
     @cuda.jit(cache=transport.name == "store")
     def notify(
         is_token_in_rank, expert_counts, send_slot, rank_counts, peer_meta, local_meta, peer_signals,
-        local_signals, rank, seq, row_bytes, num_topk, timeout_ns, done_counter, recv_offsets, status,
+        local_signals, rank, seq, row_bytes, num_topk, timeout_ns, work, recv_offsets, status,
     ):
         num_local_experts = expert_counts.shape[0] // send_slot.shape[1]
         scan_column(is_token_in_rank, send_slot, rank_counts, cuda.blockIdx.x)
         cuda.threadfence()
         last = cuda.shared.array(1, np.int32)
-        if not last_block_done(done_counter, last):
+        if not last_block_done(work, last):
             return
         publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
                 num_local_experts, rank_counts, expert_counts)
@@ -159,66 +166,87 @@ def notify_kernel(transport: Transport) -> Any:
     return notify
 
 
+#: The phases of a dispatch kernel launch (a bit mask): send this rank's rows, receive the peers'.
+SEND, RECEIVE = 1, 2
+
+
 @lru_cache(maxsize=None)
-def dispatch_send_kernel(transport: Transport) -> Any:
-    """The send kernel for ``transport`` (built, and compiled, on first use)."""
+def dispatch_kernel(transport: Transport) -> Any:
+    """The dispatch kernel for ``transport`` (built, and compiled, on first use).
+
+    ``phases & SEND``: every token row (payload words, source index, local top-k ids and
+    weights) goes into slot ``send_slot[t, dst]`` of this rank's region in each destination;
+    the block that finishes the last token publishes the header (meta, signal) in every
+    destination.
+    ``phases & RECEIVE``: every block waits, bounded, for every source's header of ``seq``,
+    then the received rows, ordered by source rank then source token, are copied from
+    ``field_x`` (this rank's view, as ``recv_x``'s words) into the outputs.
+    Blocks take tokens and rows as they come (``claim``), so the kernel finishes whichever
+    of its blocks are on the GPU: with both phases, blocks that wait do not keep the sends
+    of blocks not yet running from happening.
+    """
     write_row, write_value, flush = transport.write_row, transport.write_value, transport.flush
     publish = make_publish(transport)
 
     @cuda.jit(cache=transport.name == "store")
-    def dispatch_send(
-        x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts,
+    def dispatch(
+        phases, x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts,
         peer_x, local_x, peer_src_idx, local_src_idx, peer_topk_idx, local_topk_idx,
         peer_topk_weights, local_topk_weights, peer_meta, local_meta, peer_signals, local_signals,
-        rank, seq, row_bytes, done_counter,
+        rank, seq, row_bytes, work, timeout_ns, status,
+        field_x, recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
     ):
-        num_ranks = send_slot.shape[1]
+        tid = cuda.threadIdx.x
+        num_threads = cuda.blockDim.x
         num_topk = topk_idx.shape[1]
-        for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
-            for dst in range(num_ranks):
-                slot = send_slot[t, dst]
-                if slot >= 0:
-                    write_row(peer_x, local_x, dst, rank, slot, x[t])
-                    for j in range(cuda.threadIdx.x, num_topk, cuda.blockDim.x):
-                        local = topk_idx[t, j] - dst * num_local_experts
-                        if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
-                            local = -1
-                        weight = topk_weights[t, j] if local >= 0 else 0.0
-                        write_value(peer_topk_idx, local_topk_idx, dst, rank, slot, j, np.int32(local))
-                        write_value(peer_topk_weights, local_topk_weights, dst, rank, slot, j, np.float32(weight))
-                    if cuda.threadIdx.x == 0:
-                        write_value(peer_src_idx, local_src_idx, dst, rank, slot, 0, np.int32(t))
-        flush()
-        flag = cuda.shared.array(1, np.int32)
-        if last_block_done(done_counter, flag):
-            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                    num_local_experts, no_counts, no_counts)
+        slot_of = cuda.shared.array(1, np.int32)
+        if phases & SEND:
+            num_ranks = send_slot.shape[1]
+            num_tokens = x.shape[0]
+            sent = 0
+            first = claim(work, WORK_NEXT, slot_of)
+            while first < num_tokens:
+                for t in range(first, min(first + CLAIM, num_tokens)):
+                    for dst in range(num_ranks):
+                        slot = send_slot[t, dst]
+                        if slot >= 0:
+                            write_row(peer_x, local_x, dst, rank, slot, x[t])
+                            for j in range(tid, num_topk, num_threads):
+                                local = topk_idx[t, j] - dst * num_local_experts
+                                if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
+                                    local = -1
+                                weight = topk_weights[t, j] if local >= 0 else 0.0
+                                write_value(peer_topk_idx, local_topk_idx, dst, rank, slot, j, np.int32(local))
+                                write_value(peer_topk_weights, local_topk_weights, dst, rank, slot, j,
+                                            np.float32(weight))
+                            if tid == 0:
+                                write_value(peer_src_idx, local_src_idx, dst, rank, slot, 0, np.int32(t))
+                    sent += 1
+                first = claim(work, WORK_NEXT, slot_of)
+            flush()
+            if finished_last(work, sent, num_tokens, slot_of):
+                publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
+                        num_local_experts, no_counts, no_counts)
+        flag = cuda.shared.array(2, np.int32)
+        if phases & RECEIVE and wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts,
+                                               timeout_ns, status, flag):
+            num_rows = recv_x.shape[0]
+            num_words = recv_x.shape[1]
+            first = claim(work, WORK_NEXT_SECOND, slot_of)
+            while first < num_rows:
+                for row in range(first, min(first + CLAIM, num_rows)):
+                    src = source_of_row(recv_offsets, row)
+                    slot = row - recv_offsets[src]
+                    copy_row(recv_x[row], field_x[src, slot, :num_words])
+                    for j in range(tid, num_topk, num_threads):
+                        recv_topk_idx[row, j] = local_topk_idx[src, slot, j]
+                        recv_topk_weights[row, j] = local_topk_weights[src, slot, j]
+                    if tid == 0:
+                        recv_src_idx[row] = local_src_idx[src, slot, 0]
+                first = claim(work, WORK_NEXT_SECOND, slot_of)
+        exit_block(work)
 
-    return dispatch_send
-
-
-@cuda.jit(cache=True)
-def dispatch_receive_kernel(
-    signals, meta, seq, row_bytes, num_local_experts, timeout_ns, status,
-    field_x, field_src_idx, field_topk_idx, field_topk_weights, recv_offsets,
-    recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
-):
-    flag = cuda.shared.array(2, np.int32)
-    if not wait_for_peers(signals, meta, seq, row_bytes, recv_topk_idx.shape[1], num_local_experts, timeout_ns,
-                          status, flag):
-        return
-    tid = cuda.threadIdx.x
-    num_threads = cuda.blockDim.x
-    num_words = recv_x.shape[1]
-    for row in range(cuda.blockIdx.x, recv_x.shape[0], cuda.gridDim.x):
-        src = source_of_row(recv_offsets, row)
-        slot = row - recv_offsets[src]
-        copy_row(recv_x[row], field_x[src, slot, :num_words])
-        for j in range(tid, recv_topk_idx.shape[1], num_threads):
-            recv_topk_idx[row, j] = field_topk_idx[src, slot, j]
-            recv_topk_weights[row, j] = field_topk_weights[src, slot, j]
-        if tid == 0:
-            recv_src_idx[row] = field_src_idx[src, slot, 0]
+    return dispatch
 
 
 def launch_notify(transport: Transport, threads: int, stream: int, is_token_in_rank, *args) -> None:
@@ -226,12 +254,16 @@ def launch_notify(transport: Transport, threads: int, stream: int, is_token_in_r
     launch(notify_kernel(transport), is_token_in_rank.shape[1], threads, is_token_in_rank, *args, stream=stream)
 
 
-def launch_dispatch_send(transport: Transport, blocks: int, threads: int, stream: int, *args, keep=None) -> None:
-    """See :func:`dispatch_send_kernel`; ``x`` is the payload as words ``[tokens, words]``;
-    ``keep``: see :func:`xmoe.kernels.launch.launch`."""
-    launch(dispatch_send_kernel(transport), blocks, threads, *args, stream=stream, keep=keep)
+def launch_dispatch(transport: Transport, phases: int, config: Config, stream: int, *args) -> None:
+    """One phase (``SEND`` or ``RECEIVE``) of :func:`dispatch_kernel` with ``args`` (after
+    ``phases``; ``x``, ``field_x`` and ``recv_x`` are payloads as words); a receive is
+    launched even for no rows (its wait orders the calls)."""
+    launch(dispatch_kernel(transport), config.num_sms, config.num_threads, phases, *args, stream=stream,
+           spins=bool(phases & RECEIVE))
 
 
-def launch_dispatch_receive(blocks: int, threads: int, stream: int, *args, keep=None) -> None:
-    """See :func:`dispatch_receive_kernel`; launched even for no rows (the wait orders the calls)."""
-    launch(dispatch_receive_kernel, blocks, threads, *args, stream=stream, keep=keep)
+def prepare_dispatch(transport: Transport, config: Config, args: tuple, changing: tuple[int, ...]) -> Prepared:
+    """Both phases of :func:`dispatch_kernel` in one launch, prepared with ``args``
+    (as :func:`launch_dispatch` takes them); ``changing``: positions in ``args``."""
+    return Prepared(dispatch_kernel(transport), config.num_sms, config.num_threads, (SEND | RECEIVE, *args),
+                    tuple(position + 1 for position in changing), spins=True)
