@@ -34,7 +34,7 @@ from xmoe.interop import (
     xp,
 )
 from xmoe.kernels.combine import prepare_combine
-from xmoe.kernels.dispatch import RECEIVE, SEND, launch_dispatch, launch_notify, prepare_dispatch
+from xmoe.kernels.dispatch import RECEIVE, SEND, prepare_dispatch, prepare_notify
 from xmoe.kernels.launch import Prepared, static_arg
 from xmoe.layout.dispatch import MAX_LOCAL_EXPERTS, check_threads, launch_dispatch_layout
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
@@ -132,7 +132,7 @@ def _as_words(payload: Any) -> Any:
     return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(_WORDS[word])
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=None)  # never evicted: the Buffer's caches key on id(layout)
 def _layout_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int, num_local_experts: int) -> SymmetricLayout | None:
     capacity = capacity_for(nbytes, num_ranks, row_bytes, num_topk, num_local_experts)
     return None if capacity < 0 else symmetric_layout(num_ranks, capacity, row_bytes, num_topk, num_local_experts)
@@ -174,6 +174,7 @@ class Buffer:
         self._failure: str | None = None
         self._last_call = ("dispatch", 0.0)  # what a late error report names: the call and its timeout
         self._views: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._launches: dict[tuple, Prepared] = {}  # the non-cached dispatch's prepared launches
         self._comm_stream = None
 
     # ----------------------------------------------------------------- sizes
@@ -386,8 +387,6 @@ class Buffer:
         layout = self._layout(row_bytes, idx.shape[1], num_local_experts, num_tokens, "dispatch")
         words = _as_words(payload)
         seq, parity = self._next_call("dispatch", config)
-        fields = self._fields(layout, parity, words.dtype)
-        local = fields["local"]
         writes = transport(config.force_put)
         # the handle's arrays in one allocation: send slots, receive offsets, room for the
         # source index of every row this rank can receive
@@ -395,17 +394,28 @@ class Buffer:
         handle_block = _empty(src_idx_first + ranks * layout.capacity, np.int32, origin)
         send_slot = _part(handle_block, 0, (num_tokens, ranks))
         recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
-        timeout_ns = int(config.timeout_s * 1e9)
-        launch_notify(
-            writes, config.num_threads, plan.pointer, in_rank, expert_counts, send_slot, self._rank_counts,
-            fields["meta"], local["meta"], fields["notify_signals"], local["notify_signals"], self.rank, seq,
-            row_bytes, idx.shape[1], timeout_ns, self._work, recv_offsets, self._status.device,
-        )
+        key = (parity, id(layout), words.dtype, config)
+        notify = self._launches.get(("notify",) + key)
+        if notify is None:
+            fields = self._fields(layout, parity, words.dtype)
+            local = fields["local"]
+            notify = self._launches[("notify",) + key] = prepare_notify(
+                writes, config.num_threads,
+                (in_rank, expert_counts, send_slot, self._rank_counts, fields["meta"], local["meta"],
+                 fields["notify_signals"], local["notify_signals"], self.rank, seq, row_bytes, idx.shape[1],
+                 int(config.timeout_s * 1e9), self._work, recv_offsets, self._status.device),
+                changing=(0, 1, 2, 9, 14))
+        notify(plan.pointer, in_rank, expert_counts, send_slot, seq, recv_offsets)
         # the send is queued behind notify now; the receive once the host has sized the outputs
-        no_rows = (_no_columns(0, words.dtype), self._no_counts, _no_columns(0, np.int64), _no_columns(0, np.float32))
-        launch_dispatch(writes, SEND, config, plan.pointer,
-                        *self._dispatch_args(layout, parity, words, idx, weights, send_slot, num_local_experts, seq,
-                                             config, recv_offsets, *no_rows))
+        send = self._launches.get(("send",) + key)
+        if send is None:
+            no_rows = (_no_columns(0, words.dtype), self._no_counts, _no_columns(0, np.int64),
+                       _no_columns(0, np.float32))
+            send = self._launches[("send",) + key] = prepare_dispatch(
+                writes, SEND, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
+                                                          num_local_experts, seq, config, recv_offsets, *no_rows),
+                changing=(0, 1, 2, 3, 19, 25))
+        send(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets)
         self._wait_for_notify(seq, config.timeout_s)
         counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
         num_recv = int(counts[:, self.rank].sum())  # counts: row = source
@@ -418,10 +428,17 @@ class Buffer:
             recv_weights, recv_weights_out = new_output((num_recv, idx.shape[1]), np.float32, origin, raw=True)
         else:
             recv_idx, recv_weights = _no_columns(num_recv, np.int64), _no_columns(num_recv, np.float32)
-        launch_dispatch(writes, RECEIVE, config, plan.pointer,
-                        *self._dispatch_args(layout, parity, words, idx, weights, send_slot, num_local_experts, seq,
-                                             config, recv_offsets, _as_words(recv_x), recv_src_idx, recv_idx,
-                                             recv_weights))
+        recv_words = _as_words(recv_x)
+        receive_key = ("receive", recv_words.dtype) + key
+        receive = self._launches.get(receive_key)
+        if receive is None:
+            receive = self._launches[receive_key] = prepare_dispatch(
+                writes, RECEIVE, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
+                                                             num_local_experts, seq, config, recv_offsets, recv_words,
+                                                             recv_src_idx, recv_idx, recv_weights),
+                changing=(0, 1, 2, 3, 19, 25, 26, 27, 28, 29))
+        receive(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets, recv_words, recv_src_idx, recv_idx,
+                recv_weights)
         # after the launch: the GPU need not wait for this
         handle = self._new_handle(counts, in_rank, send_slot, recv_offsets, recv_src_idx, int(expert_alignment),
                                   num_local_experts)
@@ -468,8 +485,8 @@ class Buffer:
                                        handle.num_local_experts, seq, config, handle.recv_offsets, recv_words,
                                        handle.recv_src_idx, _no_columns(handle.num_recv, np.int64),
                                        _no_columns(handle.num_recv, np.float32))
-            prepared = handle.launches[key] = prepare_dispatch(transport(config.force_put), config, args,
-                                                               changing=(0, 19, 26))  # words, seq, recv_words
+            prepared = handle.launches[key] = prepare_dispatch(transport(config.force_put), SEND | RECEIVE, config,
+                                                               args, changing=(0, 19, 26))  # words, seq, recv_words
         prepared(plan.pointer, words, seq, recv_words)
         self._raise_on_error()
         return recv_x_out(), None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
@@ -533,6 +550,8 @@ class Buffer:
                 raise ValueError("topk_weights: passed without topk_idx")
             weights, origin = as_array(topk_weights, "topk_weights", raw=True)
             _check_array(weights, origin, "topk_weights", np.float32, idx.shape)
+        elif topk_idx is None:
+            weights = _no_columns(num_tokens, np.float32)
         else:
             weights = kernel_view(xp().zeros(idx.shape, np.float32))
         return in_rank, expert_counts, idx, weights

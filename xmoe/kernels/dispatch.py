@@ -44,7 +44,7 @@ from xmoe.comm.device import (
     wait_signal,
 )
 from xmoe.config import Config
-from xmoe.kernels.launch import Prepared, launch
+from xmoe.kernels.launch import Prepared
 from xmoe.layout.dispatch import scan_column
 from xmoe.layout.symmetric import META_HEADER, META_LOCAL_EXPERTS, META_ROW_BYTES, META_TOPK
 
@@ -249,21 +249,17 @@ def dispatch_kernel(transport: Transport) -> Any:
     return dispatch
 
 
-def launch_notify(transport: Transport, threads: int, stream: int, is_token_in_rank, *args) -> None:
-    """One block per rank; see :func:`notify_kernel`."""
-    launch(notify_kernel(transport), is_token_in_rank.shape[1], threads, is_token_in_rank, *args, stream=stream)
+def prepare_notify(transport: Transport, threads: int, args: tuple, changing: tuple[int, ...]) -> Prepared:
+    """:func:`notify_kernel` (one block per rank) prepared with ``args`` (see
+    :class:`xmoe.kernels.launch.Prepared`; ``changing``: positions in ``args``)."""
+    return Prepared(notify_kernel(transport), args[0].shape[1], threads, args, changing)
 
 
-def launch_dispatch(transport: Transport, phases: int, config: Config, stream: int, *args) -> None:
-    """One phase (``SEND`` or ``RECEIVE``) of :func:`dispatch_kernel` with ``args`` (after
-    ``phases``; ``x``, ``field_x`` and ``recv_x`` are payloads as words); a receive is
-    launched even for no rows (its wait orders the calls)."""
-    launch(dispatch_kernel(transport), config.num_sms, config.num_threads, phases, *args, stream=stream,
-           spins=bool(phases & RECEIVE))
-
-
-def prepare_dispatch(transport: Transport, config: Config, args: tuple, changing: tuple[int, ...]) -> Prepared:
-    """Both phases of :func:`dispatch_kernel` in one launch, prepared with ``args``
-    (as :func:`launch_dispatch` takes them); ``changing``: positions in ``args``."""
-    return Prepared(dispatch_kernel(transport), config.num_sms, config.num_threads, (SEND | RECEIVE, *args),
-                    tuple(position + 1 for position in changing), spins=True)
+def prepare_dispatch(transport: Transport, phases: int, config: Config, args: tuple,
+                     changing: tuple[int, ...]) -> Prepared:
+    """:func:`dispatch_kernel` for ``phases`` (``SEND``, ``RECEIVE`` or both) prepared with
+    ``args`` (after ``phases``; ``x``, ``field_x`` and ``recv_x`` are payloads as words);
+    ``changing``: positions in ``args``. A receive is launched even for no rows (its wait
+    orders the calls)."""
+    return Prepared(dispatch_kernel(transport), config.num_sms, config.num_threads, (phases, *args),
+                    tuple(position + 1 for position in changing), spins=bool(phases & RECEIVE))

@@ -28,7 +28,7 @@ from numba import cuda
 
 from xmoe.comm.device import SIMULATOR
 
-from xmoe.interop import DeviceArray, data_pointer
+from xmoe.interop import DeviceArray
 
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -71,9 +71,15 @@ def _pack(value: Any, parts: list) -> Any:
         return "i"
     if kind is tuple:
         return tuple(_pack(item, parts) for item in value)
-    parts.append(_ARRAY[value.ndim].pack(0, 0, value.size, value.itemsize, value.data.ptr, *value.shape,
-                                         *value.strides))  # a CuPy array
+    parts.append(_ARRAY[value.ndim].pack(*_abi(value)))  # a CuPy array
     return (value.dtype.char, value.ndim)
+
+
+def _abi(array: Any) -> tuple[int, ...]:
+    """A :class:`DeviceArray` or CuPy array in Numba's kernel ABI (see ``_ARRAY``)."""
+    if type(array) is DeviceArray:
+        return array.abi()
+    return (0, 0, array.size, array.itemsize, array.data.ptr, *array.shape, *array.strides)
 
 
 #: Signatures of static arguments, each stood for by a small int: a launch hashes its
@@ -215,30 +221,30 @@ def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0, 
 
 class Prepared:
     """A launch of ``kernel`` (as :func:`launch` takes it) whose arguments are fixed but for
-    those at the positions ``changing``; ``prepared(stream, *values)`` launches it with
-    ``values`` there. The caller keeps one per call site and argument set (a cached
-    dispatch keeps its own in the handle).
+    those at the positions ``changing`` (ints, and arrays of the same dtype and rank as
+    prepared); ``prepared(stream, *values)`` launches it with ``values`` there. The caller
+    keeps one per call site and argument set (a cached dispatch keeps its own in the handle).
 
-    GPU: every parameter is packed once; a call rewrites only an int's value or an array's
-    data pointer (its shape must be the prepared one) and calls the driver: ~1 us of
-    Python. Simulator: the values are put in place and the kernel launched as usual.
+    GPU: every parameter is packed once; a call repacks only the changing arguments and
+    calls the driver. Simulator: the values are put in place and the kernel launched as usual.
     """
 
     def __init__(self, kernel: Any, blocks: int, threads: int, args: tuple, changing: tuple[int, ...],
                  spins: bool = False) -> None:
-        self.kernel, self.args, self.changing, self.spins = kernel, args, changing, spins
+        self.kernel, self.changing, self.spins = kernel, changing, spins
         self.blocks, self.threads = max(int(blocks), 1), int(threads)
         if SIMULATOR:
+            self.args = args
             return
         compiled, self.blocks, _ = _packed(kernel, self.blocks, self.threads, args, spins)
-        self.slots: list[tuple[int, tuple[int, ...] | None]] = []  # byte offset, array shape (None: an int)
+        self.slots: list[tuple[int, Any]] = []  # byte offset, how to pack (an array's struct; None: an int)
         packed: list = []
         for position, arg in enumerate(args):
             offset = sum(len(part) for part in packed)
             _pack(arg, packed)
             if position in changing:
                 is_int = type(arg) is int or isinstance(arg, np.integer)
-                self.slots.append((offset, None) if is_int else (offset + 32, tuple(arg.shape)))  # 32: data pointer
+                self.slots.append((offset, None if is_int else _ARRAY[len(arg.shape)]))
         self.handle = compiled.handle
         self.parameters = _Parameters(compiled.num_bytes)
         ctypes.memmove(self.parameters.values_address, b"".join(packed), compiled.num_bytes)
@@ -251,11 +257,9 @@ class Prepared:
             launch(self.kernel, self.blocks, self.threads, *args, spins=self.spins)
             return
         parameters = self.parameters
-        for (offset, shape), value in zip(self.slots, values):
-            if shape is None:
+        for (offset, array), value in zip(self.slots, values):
+            if array is None:
                 _INT.pack_into(parameters.values, offset, value)
-                continue
-            if tuple(value.shape) != shape:
-                raise ValueError(f"prepared launch: an array of shape {tuple(value.shape)} where {shape} was prepared")
-            _INT.pack_into(parameters.values, offset, data_pointer(value))
+            else:
+                array.pack_into(parameters.values, offset, *_abi(value))
         parameters.launch(self.handle, self.blocks, self.threads, stream)
