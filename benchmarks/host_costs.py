@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-STEPS = ("launch_notify", "launch_dispatch", "new_output", "as_array", "_as_words", "_empty")
+STEPS = ("new_output", "as_array", "_as_words", "_empty")
 
 
 def timed_steps(steps: list[tuple[Any, str]]) -> dict[str, list[float]]:
@@ -84,7 +84,7 @@ def main() -> None:
              "combine": lambda: buffer.combine(recv_x, handle, topk_weights=recv_weights)}
     for fn in calls.values():
         fn()
-    # Prepared.__call__: the launch of a cached dispatch or a combine
+    # Prepared.__call__: a kernel launch (every launch of a dispatch or combine is prepared)
     steps = timed_steps([(buffer_module, name) for name in STEPS] + [(launch_module.Prepared, "__call__")])
     host: dict[str, list[float]] = collections.defaultdict(list)
     profiler = cProfile.Profile()
@@ -126,6 +126,8 @@ def main() -> None:
         print("steps (median us per call of the step, calls per round of the three calls):")
         for name, values in sorted(steps.items(), key=lambda item: -np.median(item[1])):
             print(f"  {name:<26} {np.median(values) * 1e6:8.1f} us  x{len(values) / args.calls:.0f}")
+        launches = {key[0]: prepared.blocks for key, prepared in {**buffer._launches, **handle.launches}.items()}
+        print("grid of each launch (blocks):", launches)
         print("single operations:")
         for name, value in single_us.items():
             print(f"  {name:<58} {value:8.1f} us")
