@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import WORK_NEXT, WORK_NEXT_SECOND, Transport, chunk_size, claim, exit_block, finished_last
+from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, claim, exit_block, finished_last
 from xmoe.kernels.dispatch import make_publish, source_of_row, wait_for_peers
 from xmoe.config import Config
 from xmoe.kernels.launch import Prepared
@@ -49,17 +49,16 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
         slot_of = cuda.shared.array(1, np.int32)
         num_rows = x.shape[0]
         sent = 0
-        chunk = chunk_size(num_rows)
-        first = claim(work, WORK_NEXT, chunk, slot_of)
+        first = claim(work, WORK_NEXT, slot_of)
         while first < num_rows:
-            for row in range(first, min(first + chunk, num_rows)):
+            for row in range(first, min(first + CLAIM, num_rows)):
                 src = source_of_row(recv_offsets, row)
                 slot = row - recv_offsets[src]
                 write_row(peer_x, local_x, src, rank, slot, x[row])
                 for j in range(tid, num_topk, num_threads):
                     write_value(peer_topk_weights, local_topk_weights, src, rank, slot, j, topk_weights[row, j])
                 sent += 1
-            first = claim(work, WORK_NEXT, chunk, slot_of)
+            first = claim(work, WORK_NEXT, slot_of)
         flush()
         if finished_last(work, sent, num_rows, slot_of):
             publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
@@ -70,10 +69,9 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
             num_ranks = send_slot.shape[1]
             num_tokens = out.shape[0]
             acc = cuda.local.array(lanes, np.float32)
-            chunk = chunk_size(num_tokens)
-            first = claim(work, WORK_NEXT_SECOND, chunk, slot_of)
+            first = claim(work, WORK_NEXT_SECOND, slot_of)
             while first < num_tokens:
-                for t in range(first, min(first + chunk, num_tokens)):
+                for t in range(first, min(first + CLAIM, num_tokens)):
                     for w in range(tid, out.shape[1], num_threads):
                         for i in range(lanes):
                             acc[i] = 0.0
@@ -94,7 +92,7 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
                             if slot >= 0:
                                 total += local_topk_weights[r, slot, j]
                         out_topk_weights[t, j] = total
-                first = claim(work, WORK_NEXT_SECOND, chunk, slot_of)
+                first = claim(work, WORK_NEXT_SECOND, slot_of)
         exit_block(work)
 
     return combine

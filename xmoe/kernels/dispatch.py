@@ -25,6 +25,7 @@ import numpy as np
 from numba import cuda
 
 from xmoe.comm.device import (
+    CLAIM,
     ERR_MISMATCH,
     ERR_TIMEOUT,
     STATUS_ERROR,
@@ -33,7 +34,6 @@ from xmoe.comm.device import (
     WORK_NEXT,
     WORK_NEXT_SECOND,
     Transport,
-    chunk_size,
     claim,
     copy_row,
     exit_block,
@@ -204,10 +204,9 @@ def dispatch_kernel(transport: Transport) -> Any:
             num_ranks = send_slot.shape[1]
             num_tokens = x.shape[0]
             sent = 0
-            chunk = chunk_size(num_tokens)
-            first = claim(work, WORK_NEXT, chunk, slot_of)
+            first = claim(work, WORK_NEXT, slot_of)
             while first < num_tokens:
-                for t in range(first, min(first + chunk, num_tokens)):
+                for t in range(first, min(first + CLAIM, num_tokens)):
                     for dst in range(num_ranks):
                         slot = send_slot[t, dst]
                         if slot >= 0:
@@ -223,7 +222,7 @@ def dispatch_kernel(transport: Transport) -> Any:
                             if tid == 0:
                                 write_value(peer_src_idx, local_src_idx, dst, rank, slot, 0, np.int32(t))
                     sent += 1
-                first = claim(work, WORK_NEXT, chunk, slot_of)
+                first = claim(work, WORK_NEXT, slot_of)
             flush()
             if finished_last(work, sent, num_tokens, slot_of):
                 publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
@@ -233,10 +232,9 @@ def dispatch_kernel(transport: Transport) -> Any:
                                                timeout_ns, status, flag):
             num_rows = recv_x.shape[0]
             num_words = recv_x.shape[1]
-            chunk = chunk_size(num_rows)
-            first = claim(work, WORK_NEXT_SECOND, chunk, slot_of)
+            first = claim(work, WORK_NEXT_SECOND, slot_of)
             while first < num_rows:
-                for row in range(first, min(first + chunk, num_rows)):
+                for row in range(first, min(first + CLAIM, num_rows)):
                     src = source_of_row(recv_offsets, row)
                     slot = row - recv_offsets[src]
                     copy_row(recv_x[row], field_x[src, slot, :num_words])
@@ -245,7 +243,7 @@ def dispatch_kernel(transport: Transport) -> Any:
                         recv_topk_weights[row, j] = local_topk_weights[src, slot, j]
                     if tid == 0:
                         recv_src_idx[row] = local_src_idx[src, slot, 0]
-                first = claim(work, WORK_NEXT_SECOND, chunk, slot_of)
+                first = claim(work, WORK_NEXT_SECOND, slot_of)
         exit_block(work)
 
     return dispatch
