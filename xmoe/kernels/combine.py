@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, claim, exit_block, finished_last
-from xmoe.kernels.dispatch import make_publish, source_of_row, wait_for_peers
+from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, claim, exit_block
+from xmoe.kernels.dispatch import make_finish_send, source_of_row, wait_for_peers
 from xmoe.config import Config
 from xmoe.kernels.launch import Prepared
 from xmoe.kernels.numerics import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bits
@@ -30,8 +30,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     locates them in ``field_x``, this rank's view as ``out``'s words), and rounds to the
     payload type. Blocks take rows and tokens as they come (see :func:`dispatch_kernel`).
     """
-    write_row, write_value, flush = transport.write_row, transport.write_value, transport.flush
-    publish = make_publish(transport)
+    write_row, write_value = transport.write_row, transport.write_value
+    finish_send = make_finish_send(transport)
     lanes = word.itemsize // element.itemsize
     lane_bits = 8 * element.itemsize
     lane_mask = (1 << lane_bits) - 1
@@ -59,10 +59,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
                     write_value(peer_topk_weights, local_topk_weights, src, rank, slot, j, topk_weights[row, j])
                 sent += 1
             first = claim(work, WORK_NEXT, slot_of)
-        flush()
-        if finished_last(work, sent, num_rows, slot_of):
-            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                    num_local_experts, no_counts, no_counts)
+        finish_send(work, sent, num_rows, slot_of, peer_meta, local_meta, peer_signals, local_signals, rank, seq,
+                    row_bytes, num_topk, num_local_experts, no_counts)
         flag = cuda.shared.array(2, np.int32)
         if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, status,
                           flag):
