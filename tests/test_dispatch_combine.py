@@ -46,3 +46,17 @@ def test_repeated_cached_dispatch_and_combine(group):
     buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(40, 24, 2, 8, 3, np.float32))
     check_repeated_calls(buffer, group, make_routing(7, 2, 40, 24, 8, 3, BFLOAT16))
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_more_blocks_than_work(group):
+    """Blocks take tokens and rows 4 at a time: with 7 blocks and 3 tokens a rank most blocks
+    find nothing to do, the kernels must still finish, and the block that exits last must
+    zero the work counters for the next call (later calls, other grids, stay correct)."""
+    import xmoe
+
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(32, 16, 2, 8, 2, np.float32))
+    for call, (tokens, blocks) in enumerate([(3, 7), (3, 7), (32, 1), (32, 3)]):
+        routing = make_routing(200 + call, 2, tokens, 16, 8, 2, np.float32)
+        run_and_check(buffer, group, routing, config=xmoe.Config(num_sms=blocks))
+    buffer.destroy()
