@@ -150,23 +150,6 @@ def exit_block(work):
             work[i] = 0
 
 
-@cuda.jit(device=True)
-def last_block_done(work, flag):
-    """Count this block as finished; True in every thread of the block that finishes last.
-
-    Every thread must have fenced its stores before calling. ``flag`` is a shared int32
-    array of one element; the counter ``work[WORK_DONE]`` is reset by the last block.
-    """
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        flag[0] = 0
-        if cuda.atomic.add(work, WORK_DONE, 1) == cuda.gridDim.x - 1:
-            work[WORK_DONE] = 0
-            flag[0] = 1
-    cuda.syncthreads()
-    return flag[0] == 1
-
-
 class Transport(NamedTuple):
     """How a kernel writes into peer ``dst``: each function takes the peers' views (a tuple
     indexed by rank) and this rank's view of the same symmetric field.

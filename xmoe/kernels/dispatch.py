@@ -39,7 +39,6 @@ from xmoe.comm.device import (
     copy_row,
     exit_block,
     finished_last,
-    last_block_done,
     load_fresh,
     report_error,
     wait_signal,
@@ -169,18 +168,18 @@ def notify_kernel(transport: Transport) -> Any:
         scan_column(is_token_in_rank, send_slot, rank_counts, cuda.blockIdx.x)
         cuda.threadfence()
         last = cuda.shared.array(1, np.int32)
-        if not last_block_done(work, last):
-            return
-        publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                num_local_experts, rank_counts, expert_counts)
-        flag = cuda.shared.array(2, np.int32)
-        if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns,
-                          status, flag):
-            gather_counts(local_meta, rank, status, recv_offsets)
-        cuda.threadfence_system()
-        cuda.syncthreads()
-        if cuda.threadIdx.x == 0:
-            status[STATUS_READY] = seq
+        if finished_last(work, 1, cuda.gridDim.x, last):
+            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
+                    num_local_experts, rank_counts, expert_counts)
+            flag = cuda.shared.array(2, np.int32)
+            if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns,
+                              status, flag):
+                gather_counts(local_meta, rank, status, recv_offsets)
+            cuda.threadfence_system()
+            cuda.syncthreads()
+            if cuda.threadIdx.x == 0:
+                status[STATUS_READY] = seq
+        exit_block(work)
 
     return notify
 
