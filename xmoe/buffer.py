@@ -403,7 +403,7 @@ class Buffer:
                 writes, config.num_threads,
                 (in_rank, expert_counts, send_slot, self._rank_counts, fields["meta"], local["meta"],
                  fields["notify_signals"], local["notify_signals"], self.rank, seq, row_bytes, idx.shape[1],
-                 int(config.timeout_s * 1e9), self._work, recv_offsets, self._status.device),
+                 config.timeout_ns, self._work, recv_offsets, self._status.device),
                 changing=(0, 1, 2, 9, 14))
         notify(plan.pointer, in_rank, expert_counts, send_slot, seq, recv_offsets)
         # the send is queued behind notify now; the receive once the host has sized the outputs
@@ -440,8 +440,8 @@ class Buffer:
         receive(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets, recv_words, recv_src_idx, recv_idx,
                 recv_weights)
         # after the launch: the GPU need not wait for this
-        handle = self._new_handle(counts, in_rank, send_slot, recv_offsets, recv_src_idx, int(expert_alignment),
-                                  num_local_experts)
+        handle = self._new_handle(counts, num_recv, in_rank, send_slot, recv_offsets, recv_src_idx,
+                                  int(expert_alignment), num_local_experts)
         self._raise_on_error()
         return (
             recv_x_out(),
@@ -462,7 +462,7 @@ class Buffer:
             words, idx, weights, send_slot, num_local_experts, self._no_counts, fields["x_words"], local["x_words"],
             fields["src_idx"], local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"],
             local["topk_weights"], fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq,
-            words.shape[1] * words.itemsize, self._work, int(config.timeout_s * 1e9), self._status.device,
+            words.shape[1] * words.itemsize, self._work, config.timeout_ns, self._status.device,
             self._fields(layout, parity, recv_words.dtype)["local"]["x_words"], recv_offsets, recv_words,
             recv_src_idx, recv_idx, recv_weights,
         )
@@ -491,10 +491,10 @@ class Buffer:
         self._raise_on_error()
         return recv_x_out(), None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
 
-    def _new_handle(self, counts: np.ndarray, in_rank: Any, send_slot: Any, recv_offsets: Any, recv_src_idx: Any,
-                    alignment: int, num_local_experts: int) -> DispatchHandle:
-        """The handle of a dispatch from its count matrix ``counts`` (row = source) and the
-        per-expert counts the notify kernel left in the status words."""
+    def _new_handle(self, counts: np.ndarray, num_recv: int, in_rank: Any, send_slot: Any, recv_offsets: Any,
+                    recv_src_idx: Any, alignment: int, num_local_experts: int) -> DispatchHandle:
+        """The handle of a dispatch from its count matrix ``counts`` (row = source), the rows it
+        received and the per-expert counts the notify kernel left in the status words."""
         ranks = self.num_ranks
         first = STATUS_INFO + ranks * ranks
         per_expert = self._status.host[first : first + num_local_experts]
@@ -502,7 +502,7 @@ class Buffer:
             per_expert = -(-per_expert // alignment) * alignment
         return DispatchHandle(counts.cumsum(axis=0, dtype=np.int32), recv_src_idx, in_rank, send_slot,
                               counts[self.rank], recv_offsets, per_expert.tolist(), num_local_experts,
-                              int(counts[:, self.rank].max()), int(counts[:, self.rank].sum()), {})
+                              int(counts[:, self.rank].max()), num_recv, {})
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                       topk_idx, topk_weights) -> None:
@@ -623,7 +623,7 @@ class Buffer:
         args = (
             words, weights, handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"],
             local["topk_weights"], fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq,
-            row_bytes, handle.num_local_experts, self._no_counts, self._work, int(config.timeout_s * 1e9),
+            row_bytes, handle.num_local_experts, self._no_counts, self._work, config.timeout_ns,
             self._status.device, self._fields(layout, parity, out_words.dtype)["local"]["x_words"],
             handle.send_slot, out_words, out_weights,
         )

@@ -33,6 +33,11 @@ class Config:
     timeout_s: float | None = None
     force_put: bool | None = None
 
+    @property
+    def timeout_ns(self) -> int:
+        """``timeout_s`` in nanoseconds, as the kernels' waits take it (a resolved config)."""
+        return int(self.timeout_s * 1e9)
+
     def resolved(self, backend: str) -> "Config":
         """This config with every None replaced by the default of ``backend``, checked."""
         return _resolve(self, backend, os.environ.get("XMOE_TIMEOUT_S"), os.environ.get("XMOE_FORCE_PUT"))

@@ -10,9 +10,10 @@ for the ~200 parameters of a kernel that takes the peers' views). A kernel is co
 by Numba's dispatcher once per argument signature (or loaded from its disk cache); every
 launch packs the arguments straight into Numba's kernel ABI (an array is meminfo,
 parent, size, itemsize, data pointer, shape, strides, all 8-byte; a tuple is its
-elements in order) as bytes, copies them into a parameter block kept per compiled
-kernel, and calls the driver's ``cuLaunchKernel`` through ctypes. Arguments that never change (the peers' views
-of a symmetric buffer) are packed once, as a :class:`StaticArg`.
+elements in order) as bytes into one parameter buffer and calls the driver's
+``cuLaunchKernel`` through ctypes. Arguments that never change (the peers' views of a
+symmetric buffer) are packed once, as a :class:`StaticArg`; a :class:`Prepared` launch
+packs everything once and repacks only the arguments that change.
 """
 
 from __future__ import annotations
@@ -63,15 +64,12 @@ def _pack(value: Any, parts: list) -> Any:
     if kind is StaticArg:
         parts.append(value.packed)
         return value.signature
-    if kind is DeviceArray:
-        parts.append(_ARRAY[len(value.shape)].pack(*value.abi()))
-        return (value.dtype.char, len(value.shape))
     if kind is int or isinstance(value, np.integer):
         parts.append(_INT.pack(value))
         return "i"
     if kind is tuple:
         return tuple(_pack(item, parts) for item in value)
-    parts.append(_ARRAY[value.ndim].pack(*_abi(value)))  # a CuPy array
+    parts.append(_ARRAY[value.ndim].pack(*_abi(value)))  # a DeviceArray or a CuPy array
     return (value.dtype.char, value.ndim)
 
 
