@@ -139,22 +139,9 @@ class DeviceArray:
 
         return cupy.asarray(self).get()
 
-    def view(self, dtype: Any) -> "DeviceArray":
-        """The same memory as ``dtype``, the last axis rescaled (as ``ndarray.view``)."""
-        dtype = np.dtype(dtype)
-        last = self.shape[-1] * self.itemsize
-        if last % dtype.itemsize:
-            raise ValueError(f"cannot view rows of {last} bytes as {dtype}")
-        return DeviceArray(self.ptr, self.shape[:-1] + (last // dtype.itemsize,), dtype, self.owner)
-
     def part(self, first: int, shape: tuple[int, ...]) -> "DeviceArray":
         """Elements ``first:first + prod(shape)`` of this array (flat) as an array of ``shape``."""
         return DeviceArray(self.ptr + first * self.dtype.itemsize, shape, self.dtype, self.owner)
-
-    def reshape(self, *shape: int) -> "DeviceArray":
-        if math.prod(shape) != self.size:
-            raise ValueError(f"cannot reshape {self.shape} to {shape}")
-        return DeviceArray(self.ptr, tuple(shape), self.dtype, self.owner)
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def torch_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]
         return torch.from_numpy(array).cuda()
 
     def to_host(tensor: Any) -> np.ndarray:
-        if not isinstance(tensor, torch.Tensor):  # a handle's own (CuPy) arrays
+        if not isinstance(tensor, torch.Tensor):  # a handle's own arrays (CuPy, DeviceArray)
             return array_to_host(tensor)
         if tensor.dtype == torch.bfloat16:
             return tensor.view(torch.int16).cpu().numpy().view(BFLOAT16)
