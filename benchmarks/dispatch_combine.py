@@ -11,7 +11,10 @@ the bytes that cross ranks (rows sent to another rank: payload, top-k ids and we
 read plus written, as a copy of them moves them: ``2 * bytes / time``. The baseline moves
 the same bytes in the same run: with one GPU a device-to-device copy by one process, with
 one GPU per PE ``torch.distributed.all_to_all_single`` over NCCL. Host overhead is the
-median wall time of a call minus the time it spent blocked on the GPU.
+median wall time of a call minus the time it spent blocked on the GPU, for a call queued
+behind another ("host us") and for one that finds the GPU idle ("idle us"). "dispatch
+(worst)" dispatches into outputs of ``ranks x tokens`` rows (``num_worst_tokens``): the
+host never waits for the received count.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_name, median_ms, write_results  # noqa: E402
 
 
-def host_overhead_us(fn, iterations: int) -> float:
-    """Median host time of a call not spent blocked on the GPU, in microseconds."""
+def host_overhead_us(fn, iterations: int, queued: bool) -> float:
+    """Median host time of a call not spent blocked on the GPU, in microseconds. ``queued``:
+    the timed call follows an untimed one, so its launches queue behind GPU work (as in a
+    model's forward pass); else the GPU is idle when it starts (the driver then takes
+    10-25 us longer per launch, measured on the H100 machine)."""
     import torch
 
     from xmoe.event import StreamPlan
@@ -37,6 +43,8 @@ def host_overhead_us(fn, iterations: int) -> float:
     overheads = []
     for _ in range(iterations):
         torch.cuda.synchronize()
+        if queued:
+            fn()
         waited = StreamPlan.waited_s
         wall = time.perf_counter()
         fn()
@@ -110,22 +118,27 @@ def main() -> None:
             buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                             num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
 
+        def worst_case():
+            buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights,
+                            num_worst_tokens=ranks * num_tokens)
+
         def cached():
             buffer.dispatch(x, handle=handle)
 
         def combine():
             buffer.combine(recv_x, handle, topk_weights=recv_w)
 
-        mine = {name: median_ms(fn, args.iters, batch=args.batch) for name, fn in
-                (("dispatch", dispatch), ("cached dispatch", cached), ("combine", combine))}
-        host = {name: host_overhead_us(fn, args.iters) for name, fn in
-                (("dispatch", dispatch), ("cached dispatch", cached), ("combine", combine))}
+        calls = {"dispatch": dispatch, "dispatch (worst)": worst_case, "cached dispatch": cached, "combine": combine}
+        mine = {name: median_ms(fn, args.iters, batch=args.batch) for name, fn in calls.items()}
+        host = {name: (host_overhead_us(fn, args.iters, queued=True), host_overhead_us(fn, args.iters, queued=False))
+                for name, fn in calls.items()}
         sent = per_rank.cpu().numpy()
         crossing = int(sent.sum() - sent[me]) * row_bytes
         gathered = group.allgather((mine, host, crossing))
         total_bytes = sum(g[2] for g in gathered)
         slowest = {name: max(g[0][name] for g in gathered) for name in mine}
-        host_us = {name: float(np.median([g[1][name] for g in gathered])) for name in host}
+        host_us = {name: [float(np.median([g[1][name][i] for g in gathered])) for i in (0, 1)] for name in host}
 
         group.barrier()
         if nccl is not None:
@@ -155,18 +168,19 @@ def main() -> None:
             rows.append({"case": case, "metric": "time", "unit": "us", "higher_is_better": False,
                          "xmoe": round(slowest[name] * 1e3, 1), "baseline": round(baseline_ms * 1e3, 1),
                          "baseline_name": baseline_name})
-            rows.append({"case": case, "metric": "host overhead", "unit": "us", "higher_is_better": False,
-                         "xmoe": round(host_us[name], 1), "baseline": None, "baseline_name": None})
-            table.append((case, slowest[name] * 1e3, gbs, baseline_gbs, gbs / baseline_gbs, host_us[name]))
+            for metric, value in zip(("host overhead", "host overhead, idle GPU"), host_us[name]):
+                rows.append({"case": case, "metric": metric, "unit": "us", "higher_is_better": False,
+                             "xmoe": round(value, 1), "baseline": None, "baseline_name": None})
+            table.append((case, slowest[name] * 1e3, gbs, baseline_gbs, gbs / baseline_gbs, *host_us[name]))
 
     if me == 0:
         mode = f"{num_gpus}gpu-{ranks}pe" + ("-mps" if mps_running() else "")
         print(f"dispatch/combine: {device_name(num_gpus)}, {mode}, hidden {args.hidden}, top-{args.topk} of "
               f"{args.experts} experts, bf16; start-up {start_up_s:.2f} s (NVSHMEM init {nvshmem_init_s:.2f} s, "
               f"first round trip {first_call_s:.2f} s)")
-        print(f"{'case':<28} {'time us':>9} {'GB/s':>8} {'baseline':>9} {'ratio':>6} {'host us':>8}")
-        for case, t_us, gbs, base, ratio, host in table:
-            print(f"{case:<28} {t_us:>9.1f} {gbs:>8.1f} {base:>9.1f} {ratio:>6.2f} {host:>8.1f}")
+        print(f"{'case':<29} {'time us':>9} {'GB/s':>8} {'baseline':>9} {'ratio':>6} {'host us':>8} {'idle us':>8}")
+        for case, t_us, gbs, base, ratio, host, idle in table:
+            print(f"{case:<29} {t_us:>9.1f} {gbs:>8.1f} {base:>9.1f} {ratio:>6.2f} {host:>8.1f} {idle:>8.1f}")
         path = write_results("dispatch_combine", device_name(num_gpus), mode, rows, args.out,
                              {"batch": args.batch, "start_up_s": round(start_up_s, 3),
                               "nvshmem_init_s": round(nvshmem_init_s, 3),

@@ -79,13 +79,20 @@ def main() -> None:
         return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
 
+    def worst_case() -> Any:
+        return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                               num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights,
+                               num_worst_tokens=group.world_size * args.tokens)
+
     recv_x, _, recv_weights, _, handle, _ = dispatch()
-    calls = {"dispatch": dispatch, "cached dispatch": lambda: buffer.dispatch(x, handle=handle),
+    calls = {"dispatch": dispatch, "dispatch (worst)": worst_case,
+             "cached dispatch": lambda: buffer.dispatch(x, handle=handle),
              "combine": lambda: buffer.combine(recv_x, handle, topk_weights=recv_weights)}
     for fn in calls.values():
         fn()
     # Prepared.__call__: a kernel launch (every launch of a dispatch or combine is prepared)
-    steps = timed_steps([(buffer_module, name) for name in STEPS] + [(launch_module.Prepared, "__call__")])
+    steps = timed_steps([(buffer_module, name) for name in STEPS] + [(launch_module.Prepared, "__call__"),
+                                                                      (buffer_module.Buffer, "_routing")])
     host: dict[str, list[float]] = collections.defaultdict(list)
     profiler = cProfile.Profile()
     if args.profile:

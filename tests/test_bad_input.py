@@ -51,6 +51,8 @@ DISPATCH_CASES = {
     "weights shape": (dict(topk_weights=np.zeros((TOKENS, TOPK + 1), np.float32)), "topk_weights: expected shape"),
     "weights float64": (dict(topk_weights=np.zeros((TOKENS, TOPK))), "topk_weights: expected dtype float32"),
     "alignment 0": (dict(expert_alignment=0), "expert_alignment=0"),
+    "worst tokens < 0": (dict(num_worst_tokens=-1), "num_worst_tokens=-1: must be an int >= 0"),
+    "worst tokens float": (dict(num_worst_tokens=8.0), "num_worst_tokens=8.0: must be an int"),
     "config type": (dict(config={"num_sms": 2}), "config: expected an xmoe.Config"),
     "previous_event": (dict(previous_event=object()), "previous_event: expected an EventOverlap"),
 }
@@ -120,6 +122,8 @@ def test_combine_and_cached_dispatch_reject(buffer, inputs):
         buffer.combine(recv_x, handle, topk_weights=recv_w[1:])
     with pytest.raises(ValueError, match="topk_idx: not taken with handle="):
         buffer.dispatch(inputs["x"], handle=handle, topk_idx=inputs["topk_idx"])
+    with pytest.raises(ValueError, match="num_worst_tokens: not taken with handle="):
+        buffer.dispatch(inputs["x"], handle=handle, num_worst_tokens=64)
     with pytest.raises(ValueError, match="x: 11 tokens, but the handle routes 12"):
         buffer.dispatch(inputs["x"][1:], handle=handle)
 

@@ -60,3 +60,38 @@ def test_more_blocks_than_work(group):
         routing = make_routing(200 + call, 2, tokens, 16, 8, 2, np.float32)
         run_and_check(buffer, group, routing, config=xmoe.Config(num_sms=blocks))
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_worst_case_outputs(group):
+    """num_worst_tokens: outputs of every token of every rank, the count never read by the
+    host; the received rows match the reference, the rest is padding that combine ignores."""
+    import xmoe
+
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(48, 41, 2, 8, 3, np.float32))
+    run_standard_cases(buffer, group, 48, 40, 8, 3, BFLOAT16, alignment=8, worst_case=True)
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_worst_case_outputs_too_short(group):
+    """More rows arrive than num_worst_tokens holds: an error naming it (raised by the call on
+    the simulator, whose kernels have finished), never rows written past the outputs."""
+    import xmoe
+    from xmoe import reference
+
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(16, 8, 2, 4, 2, np.float32))
+    routing = make_routing(5, 2, 16, 8, 4, 2, np.float32, "one_rank")  # rank 0 receives every token
+    idx = routing.topk_idx[group.rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, 4)[group.rank]
+    received = len(want["recv_src_idx"])
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
+    if received:
+        with pytest.raises(RuntimeError, match=f"received {received} rows, more than the num_worst_tokens"):
+            buffer.dispatch(routing.x[group.rank], num_worst_tokens=received - 1, **args)
+    else:  # the rank that receives nothing: its call succeeds, with padding only
+        recv_x, recv_idx, _, _, handle, _ = buffer.dispatch(routing.x[group.rank], num_worst_tokens=3, **args)
+        assert recv_x.shape[0] == 3 and (recv_idx == -1).all() and (handle.recv_src_idx == -1).all()
+    buffer.destroy()
+

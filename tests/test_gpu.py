@@ -142,3 +142,48 @@ def test_gpu_async_finish_and_previous_event(group):
     want_x, _ = reference.combine([w["recv_x"] for w in want], in_ranks)[me]
     np.testing.assert_array_equal(to_host(combined).view(np.uint16), want_x.view(np.uint16))
     buffer.destroy()
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_gpu_worst_case_outputs(group, ranks):
+    """num_worst_tokens: the routing patterns into outputs of every token of every rank, then
+    DeepEP's shape with the put path forced (no host wait, padding rows, combine ignores them)."""
+    import xmoe
+
+    to_device, to_host = torch_io()
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(512, 257, ranks, 8 * ranks, 4, np.float32))
+    run_standard_cases(buffer, group, 512, 256, 8 * ranks, 4, BFLOAT16, 128, to_device, to_host, worst_case=True)
+    buffer.destroy()
+    routing = make_routing(12, ranks, 4096, 7168, 256, 8, BFLOAT16, "random", mask_prob=0.05)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(4096, 7168, ranks, 256, 8))
+    run_and_check(buffer, group, routing, 1, True, to_device, to_host, xmoe.Config(force_put=True),
+                  num_worst_tokens=4096 * ranks)
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_gpu_worst_case_too_short_raises(group):
+    """More rows than num_worst_tokens: the dispatch does not wait for the count, so the error
+    raises from it when its kernel has finished by its end, else from the next call (which
+    checks before it communicates). Rank 0 receives every token; rank 1 none, and succeeds."""
+    import torch
+
+    import xmoe
+    from xmoe.interop import to_host
+
+    buffer = xmoe.Buffer(group, 1 << 20)
+    routing = make_routing(5, 2, 64, 32, 4, 2, np.float32, "one_rank")
+    idx = torch.from_numpy(routing.topk_idx[group.rank]).cuda()
+    x = torch.from_numpy(routing.x[group.rank]).cuda()
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=idx, num_worst_tokens=10)
+    if group.rank == 0:
+        with pytest.raises(RuntimeError, match="received 128 rows, more than the num_worst_tokens"):
+            handle = buffer.dispatch(x, **args)[4]
+            torch.cuda.synchronize()
+            buffer.dispatch(x, handle=handle)
+    else:
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, **args)
+        assert recv_x.shape[0] == 10 and (to_host(handle.recv_src_idx) == -1).all()
+    buffer.destroy()

@@ -16,7 +16,7 @@ import numpy as np
 
 from xmoe import runtime
 from xmoe.comm import get_heap
-from xmoe.comm.device import ERR_MISMATCH, ERR_TIMEOUT, STATUS_ERROR, STATUS_INFO, STATUS_READY, transport
+from xmoe.comm.device import ERR_CAPACITY, ERR_MISMATCH, ERR_TIMEOUT, STATUS_ERROR, STATUS_INFO, STATUS_READY, transport
 from xmoe.config import Config
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
 from xmoe.interop import (
@@ -70,21 +70,23 @@ def _no_columns(rows: int, dtype: type) -> Any:
 class DispatchHandle(NamedTuple):
     """What combine and a cached dispatch need from a dispatch (``handle[0]`` as in DeepEP).
 
-    ``rank_prefix_matrix`` and ``num_tokens_per_rank`` are host NumPy arrays; the other
+    ``rank_prefix_matrix`` and ``num_tokens_per_rank`` are host NumPy arrays (None after a
+    dispatch with ``num_worst_tokens``: the host never learns the counts); the other
     arrays live with the kernels (NumPy on the simulator; CuPy, or the caller's PyTorch
     tensors, on the GPU).
 
     Attributes:
         rank_prefix_matrix: int32 ``[ranks, ranks]``, ``[i][j]`` = tokens sent to rank j by ranks 0..i.
-        recv_src_idx: int32 ``[num_recv]``, the source token index of every received row.
+        recv_src_idx: int32 ``[num_recv]``, the source token index of every received row (-1: padding).
         is_token_in_rank: bool ``[tokens, ranks]`` of this rank's tokens.
         send_slot: int32 ``[tokens, ranks]``, slot of each token in each destination's region, -1 if not sent.
         num_tokens_per_rank: int32 ``[ranks]``, tokens this rank sends to each rank.
         recv_offsets: int32 ``[ranks + 1]``, first received row of each source rank.
         num_recv_tokens_per_expert_list: tokens received per local expert, padded to the alignment.
         num_local_experts: experts per rank.
-        max_recv_per_source: the most tokens one source rank sent here (what combine sends back).
-        num_recv: the rows this rank received (``recv_x``'s length).
+        max_recv_per_source: the most tokens one source rank sent here (what combine sends back;
+            a bound with ``num_worst_tokens``).
+        num_recv: ``recv_x``'s length: the rows this rank received, or ``num_worst_tokens``.
         launches: the prepared launches (:class:`xmoe.kernels.launch.Prepared`) of the cached
             dispatches and combines that use this handle, by Buffer, parity and argument set
             (internal: later calls change only the payloads and the sequence number).
@@ -276,7 +278,10 @@ class Buffer:
         self._raise_on_error()
 
     def _error_message(self, code: int, what: str, timeout_s: float) -> str:
-        if code >= ERR_MISMATCH:
+        if code >= ERR_CAPACITY:
+            message = (f"dispatch: rank {self.rank} received {code - ERR_CAPACITY} rows, more than the "
+                       f"num_worst_tokens its recv_x holds; nothing was received")
+        elif code >= ERR_MISMATCH:
             peer = code - ERR_MISMATCH
             message = (
                 f"{what}: rank {peer} called {what} with a different hidden size, top-k or expert count "
@@ -341,6 +346,7 @@ class Buffer:
         topk_idx: Any = None,
         topk_weights: Any = None,
         expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
         config: Config | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
@@ -357,6 +363,14 @@ class Buffer:
             topk_idx: int64 ``[tokens, k]`` or None.
             topk_weights: float32 ``[tokens, k]`` or None (needs ``topk_idx``).
             expert_alignment: per-expert received counts are padded to a multiple of it.
+            num_worst_tokens: 0, or the rows of worst-case-sized outputs (DeepEP's option): the
+                host then never waits for the received count, so the whole dispatch is queued at
+                once (and can be captured in a CUDA graph). Rows past the received count are
+                padding: ``recv_topk_idx`` -1, ``recv_topk_weights`` 0, ``recv_x`` unspecified;
+                the per-expert list is empty and the handle's ``rank_prefix_matrix`` and
+                ``num_tokens_per_rank`` are None. More rows than this is an error, raised (and
+                the Buffer retired) by this call if its kernel has finished by the call's end
+                (always on the simulator), else by the Buffer's next call; nothing is received.
             config: launch configuration; None for the defaults (with the environment as it was
                 when the Buffer was created: ``XMOE_TIMEOUT_S``, ``XMOE_FORCE_PUT``).
             previous_event / async_finish: as in DeepEP (see :class:`EventOverlap`).
@@ -366,7 +380,8 @@ class Buffer:
             ``recv_x`` ``[recv, hidden]`` ordered by source rank then source token;
             ``recv_topk_idx`` int64 ``[recv, k]`` local expert ids (-1: not on this rank);
             ``recv_topk_weights`` float32 ``[recv, k]`` (0 where the id is -1), both None
-            without top-k or in cached mode; a list of ints per local expert.
+            without top-k or in cached mode; a list of ints per local expert. ``recv`` is
+            ``num_worst_tokens`` when that is given.
         """
         self._check_usable()
         config = self._config(config)
@@ -376,11 +391,11 @@ class Buffer:
         num_tokens = payload.shape[0]
         if handle is not None:
             self._check_cached(handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                               topk_idx, topk_weights)
+                               topk_idx, topk_weights, num_worst_tokens)
             return self._cached_dispatch(payload, origin, handle, config, plan)
         in_rank, expert_counts, idx, weights = self._routing(num_tokens, num_tokens_per_rank, is_token_in_rank,
                                                              num_tokens_per_expert, topk_idx, topk_weights,
-                                                             expert_alignment, config)
+                                                             expert_alignment, num_worst_tokens, config)
         ranks = self.num_ranks
         num_local_experts = expert_counts.shape[0] // ranks
         row_bytes = payload.shape[1] * payload.itemsize
@@ -391,7 +406,7 @@ class Buffer:
         # the handle's arrays in one allocation: send slots, receive offsets, room for the
         # source index of every row this rank can receive
         src_idx_first = num_tokens * ranks + ranks + 1
-        handle_block = _empty(src_idx_first + ranks * layout.capacity, np.int32, origin)
+        handle_block = _empty(src_idx_first + max(ranks * layout.capacity, num_worst_tokens), np.int32, origin)
         send_slot = _part(handle_block, 0, (num_tokens, ranks))
         recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
         key = (parity, id(layout), words.dtype, config)
@@ -406,19 +421,21 @@ class Buffer:
                  config.timeout_ns, self._work, recv_offsets, self._status.device),
                 changing=(0, 1, 2, 9, 14))
         notify(plan.pointer, in_rank, expert_counts, send_slot, seq, recv_offsets)
-        # the send is queued behind notify now; the receive once the host has sized the outputs
-        send = self._launches.get(("send",) + key)
-        if send is None:
-            no_rows = (_no_columns(0, words.dtype), self._no_counts, _no_columns(0, np.int64),
-                       _no_columns(0, np.float32))
-            send = self._launches[("send",) + key] = prepare_dispatch(
-                writes, SEND, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
-                                                          num_local_experts, seq, config, recv_offsets, *no_rows),
-                changing=(0, 1, 2, 3, 19, 25))
-        send(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets)
-        self._wait_for_notify(seq, config.timeout_s)
-        counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
-        num_recv = int(counts[:, self.rank].sum())  # counts: row = source
+        if num_worst_tokens:  # the outputs are sized already: send and receive in one launch, no waiting
+            counts, num_recv, phases = None, int(num_worst_tokens), SEND | RECEIVE
+        else:  # the send is queued behind notify now; the receive once the host has sized the outputs
+            send = self._launches.get(("send",) + key)
+            if send is None:
+                no_rows = (_no_columns(0, words.dtype), self._no_counts, _no_columns(0, np.int64),
+                           _no_columns(0, np.float32))
+                send = self._launches[("send",) + key] = prepare_dispatch(
+                    writes, SEND, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
+                                                              num_local_experts, seq, config, recv_offsets, *no_rows),
+                    changing=(0, 1, 2, 3, 19, 25))
+            send(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets)
+            self._wait_for_notify(seq, config.timeout_s)
+            counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
+            num_recv, phases = int(counts[:, self.rank].sum()), RECEIVE  # counts: row = source
         recv_src_idx = _part(handle_block, src_idx_first, (num_recv,))
         recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin,
                                         origin.dtype == "bfloat16", raw=True)
@@ -429,19 +446,19 @@ class Buffer:
         else:
             recv_idx, recv_weights = _no_columns(num_recv, np.int64), _no_columns(num_recv, np.float32)
         recv_words = _as_words(recv_x)
-        receive_key = ("receive", recv_words.dtype) + key
+        receive_key = ("receive", phases, recv_words.dtype) + key
         receive = self._launches.get(receive_key)
         if receive is None:
             receive = self._launches[receive_key] = prepare_dispatch(
-                writes, RECEIVE, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
-                                                             num_local_experts, seq, config, recv_offsets, recv_words,
-                                                             recv_src_idx, recv_idx, recv_weights),
+                writes, phases, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
+                                                            num_local_experts, seq, config, recv_offsets, recv_words,
+                                                            recv_src_idx, recv_idx, recv_weights),
                 changing=(0, 1, 2, 3, 19, 25, 26, 27, 28, 29))
         receive(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets, recv_words, recv_src_idx, recv_idx,
                 recv_weights)
         # after the launch: the GPU need not wait for this
         handle = self._new_handle(counts, num_recv, in_rank, send_slot, recv_offsets, recv_src_idx,
-                                  int(expert_alignment), num_local_experts)
+                                  int(expert_alignment), num_local_experts, layout.capacity)
         self._raise_on_error()
         return (
             recv_x_out(),
@@ -491,10 +508,15 @@ class Buffer:
         self._raise_on_error()
         return recv_x_out(), None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
 
-    def _new_handle(self, counts: np.ndarray, num_recv: int, in_rank: Any, send_slot: Any, recv_offsets: Any,
-                    recv_src_idx: Any, alignment: int, num_local_experts: int) -> DispatchHandle:
+    def _new_handle(self, counts: np.ndarray | None, num_recv: int, in_rank: Any, send_slot: Any, recv_offsets: Any,
+                    recv_src_idx: Any, alignment: int, num_local_experts: int, capacity: int) -> DispatchHandle:
         """The handle of a dispatch from its count matrix ``counts`` (row = source), the rows it
-        received and the per-expert counts the notify kernel left in the status words."""
+        received and the per-expert counts the notify kernel left in the status words; with
+        ``counts`` None (worst-case outputs of ``num_recv`` rows) the host knows no counts, and
+        a source sent at most the ``capacity`` rows of its region."""
+        if counts is None:
+            return DispatchHandle(None, recv_src_idx, in_rank, send_slot, None, recv_offsets, [], num_local_experts,
+                                  min(num_recv, capacity), num_recv, {})
         ranks = self.num_ranks
         first = STATUS_INFO + ranks * ranks
         per_expert = self._status.host[first : first + num_local_experts]
@@ -505,13 +527,14 @@ class Buffer:
                               int(counts[:, self.rank].max()), num_recv, {})
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                      topk_idx, topk_weights) -> None:
+                      topk_idx, topk_weights, num_worst_tokens) -> None:
         if not isinstance(handle, DispatchHandle):
             raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
         passed = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
                                            ("is_token_in_rank", is_token_in_rank),
                                            ("num_tokens_per_expert", num_tokens_per_expert),
-                                           ("topk_idx", topk_idx), ("topk_weights", topk_weights)) if value is not None]
+                                           ("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                                           ("num_worst_tokens", num_worst_tokens or None)) if value is not None]
         if passed:
             raise ValueError(f"{', '.join(passed)}: not taken with handle= (cached dispatch repeats the handle's routing)")
         if handle.is_token_in_rank.shape != (num_tokens, self.num_ranks):
@@ -519,7 +542,7 @@ class Buffer:
                              f"over {handle.is_token_in_rank.shape[1]} ranks")
 
     def _routing(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                 topk_weights, expert_alignment, config):
+                 topk_weights, expert_alignment, num_worst_tokens, config):
         """The routing arguments of a non-cached dispatch, checked: ``(is_token_in_rank,
         num_tokens_per_expert, topk_idx, topk_weights)`` as kernel arrays."""
         missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
@@ -529,6 +552,8 @@ class Buffer:
             raise ValueError(f"{', '.join(missing)}: required without handle= (from get_dispatch_layout)")
         if not isinstance(expert_alignment, (int, np.integer)) or expert_alignment < 1:
             raise ValueError(f"expert_alignment={expert_alignment!r}: must be an int >= 1")
+        if not isinstance(num_worst_tokens, (int, np.integer)) or num_worst_tokens < 0:
+            raise ValueError(f"num_worst_tokens={num_worst_tokens!r}: must be an int >= 0")
         check_threads(config.num_threads)
         ranks = self.num_ranks
         per_rank, origin = as_array(num_tokens_per_rank, "num_tokens_per_rank", raw=True)

@@ -321,16 +321,22 @@ def _poison() -> bool:
     return os.environ.get("XMOE_POISON") == "1"
 
 
+#: The byte a poisoned output is filled with: -1.7e38 as float32 and bfloat16 (far outside any
+#: tolerance), -16843010 as int32; not 0xFF, whose -1 is a value kernels write (padding, ids
+#: of experts on other ranks), so an unwritten -1 would pass.
+POISON_BYTE = 0xFE
+
+
 def poisoned(array: Any) -> Any:
-    """``array`` filled with 0xFF bytes (NaN, -1) under ``XMOE_POISON=1``, so that a test sees
+    """``array`` filled with :data:`POISON_BYTE` under ``XMOE_POISON=1``, so that a test sees
     any element a kernel failed to write; untouched otherwise."""
     if _poison():
         if type(array) is DeviceArray:
             import cupy
 
-            cupy.cuda.runtime.memset(array.ptr, 0xFF, array.nbytes)
+            cupy.cuda.runtime.memset(array.ptr, POISON_BYTE, array.nbytes)
         else:
-            array.view(np.uint8).fill(0xFF)
+            array.view(np.uint8).fill(POISON_BYTE)
     return array
 
 

@@ -19,11 +19,13 @@ from numba.cuda.core import config
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
-# Error codes a wait leaves in a kernel's error array: 0 = fine, otherwise
-# ERR_TIMEOUT + peer (no signal from that peer) or ERR_MISMATCH + peer (the peer's
-# call did not match this rank's: other hidden size, top-k or expert count).
+# Error codes a kernel leaves in a kernel's error array: 0 = fine, otherwise
+# ERR_TIMEOUT + peer (no signal from that peer), ERR_MISMATCH + peer (the peer's
+# call did not match this rank's: other hidden size, top-k or expert count) or
+# ERR_CAPACITY + rows (more rows arrived than a worst-case-sized output holds).
 ERR_TIMEOUT = 1 << 20
 ERR_MISMATCH = 2 << 20
+ERR_CAPACITY = 3 << 20
 
 # A Buffer's status words, host memory the kernels write (mapped pinned memory on the GPU),
 # so the host learns of errors and of the dispatch counts without copying or synchronising:

@@ -22,7 +22,7 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     ``word.itemsize // element.itemsize`` elements: 8-byte words move 4 bfloat16 values per
     load instead of 1 (built, and compiled, on first use).
 
-    Send: received row ``i`` (from source ``s``, slot ``i - recv_offsets[s]``) goes back into
+    Send: received row ``i < recv_offsets[-1]`` (from source ``s``, slot ``i - recv_offsets[s]``) goes back into
     this rank's region of ``s``'s symmetric buffer at that same slot, with its top-k
     weights; the block that finishes the last row publishes meta and signals.
     Reduce: every block waits, bounded, for every peer (errors go to ``status``), then each
@@ -47,7 +47,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
         num_threads = cuda.blockDim.x
         num_topk = topk_weights.shape[1]
         slot_of = cuda.shared.array(1, np.int32)
-        num_rows = x.shape[0]
+        # the rows received: x's, or fewer (the rest is padding of worst-case outputs)
+        num_rows = min(recv_offsets[recv_offsets.shape[0] - 1], x.shape[0])
         sent = 0
         first = claim(work, WORK_NEXT, slot_of)
         while first < num_rows:

@@ -13,7 +13,8 @@
    moves the received rows, ordered by source rank then by source token, into the outputs.
 
 Nothing here makes the host wait: 2 is queued behind 1 at once, and 3 as soon as the host
-has read the counts. A cached dispatch (counts known) runs 2 and 3 in one launch.
+has read the counts. A cached dispatch (counts known), and a dispatch into worst-case-sized
+outputs (``num_worst_tokens``: the count stays on the device), run 2 and 3 in one launch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from numba import cuda
 
 from xmoe.comm.device import (
     CLAIM,
+    ERR_CAPACITY,
     ERR_MISMATCH,
     ERR_TIMEOUT,
     STATUS_ERROR,
@@ -198,7 +200,10 @@ def dispatch_kernel(transport: Transport) -> Any:
     destination.
     ``phases & RECEIVE``: every block waits, bounded, for every source's header of ``seq``,
     then the received rows, ordered by source rank then source token, are copied from
-    ``field_x`` (this rank's view, as ``recv_x``'s words) into the outputs.
+    ``field_x`` (this rank's view, as ``recv_x``'s words) into the outputs. Rows past the
+    received count (``recv_offsets[-1]``) are padding: source index and top-k ids -1,
+    weights 0, payload untouched; a count above ``recv_x``'s rows is an ``ERR_CAPACITY``
+    error and nothing is received.
     Blocks take tokens and rows as they come (``claim``), so the kernel finishes whichever
     of its blocks are on the GPU: with both phases, blocks that wait do not keep the sends
     of blocks not yet running from happening.
@@ -251,17 +256,29 @@ def dispatch_kernel(transport: Transport) -> Any:
                                                timeout_ns, status, flag):
             num_rows = recv_x.shape[0]
             num_words = recv_x.shape[1]
+            received = recv_offsets[recv_offsets.shape[0] - 1]
+            if received > num_rows:  # a worst-case recv_x too short: receive nothing
+                if tid == 0:
+                    report_error(status, ERR_CAPACITY + min(received, ERR_TIMEOUT - 1))
+                received = 0
             first = claim(work, WORK_NEXT_SECOND, slot_of)
             while first < num_rows:
                 for row in range(first, min(first + CLAIM, num_rows)):
-                    src = source_of_row(recv_offsets, row)
-                    slot = row - recv_offsets[src]
-                    copy_row(recv_x[row], field_x[src, slot, :num_words])
-                    for j in range(tid, num_topk, num_threads):
-                        recv_topk_idx[row, j] = local_topk_idx[src, slot, j]
-                        recv_topk_weights[row, j] = local_topk_weights[src, slot, j]
-                    if tid == 0:
-                        recv_src_idx[row] = local_src_idx[src, slot, 0]
+                    if row < received:
+                        src = source_of_row(recv_offsets, row)
+                        slot = row - recv_offsets[src]
+                        copy_row(recv_x[row], field_x[src, slot, :num_words])
+                        for j in range(tid, num_topk, num_threads):
+                            recv_topk_idx[row, j] = local_topk_idx[src, slot, j]
+                            recv_topk_weights[row, j] = local_topk_weights[src, slot, j]
+                        if tid == 0:
+                            recv_src_idx[row] = local_src_idx[src, slot, 0]
+                    else:  # a padding row of a worst-case recv_x: routed nowhere
+                        for j in range(tid, num_topk, num_threads):
+                            recv_topk_idx[row, j] = -1
+                            recv_topk_weights[row, j] = 0.0
+                        if tid == 0:
+                            recv_src_idx[row] = -1
                 first = claim(work, WORK_NEXT_SECOND, slot_of)
         exit_block(work)
 

@@ -45,17 +45,19 @@ def backend_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarra
 
 
 def bits(array: np.ndarray) -> np.ndarray:
-    """Compare payloads bit for bit (NaN poison included)."""
+    """Compare payloads bit for bit (poison included)."""
     return array.view(np.uint8)
 
 
 def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: int = 1, with_topk: bool = True,
                   to_device: Callable[[np.ndarray], Any] = _identity, to_host: Callable[[Any], np.ndarray] = _identity,
-                  config: Any = None) -> None:
+                  config: Any = None, num_worst_tokens: int = 0) -> None:
     """layout -> dispatch -> combine (weighted) -> cached dispatch, each checked against the reference.
 
     ``to_device`` turns the NumPy inputs into the tensors to pass (torch, CuPy...),
-    ``to_host`` turns results back into NumPy for the comparison.
+    ``to_host`` turns results back into NumPy for the comparison. ``num_worst_tokens``:
+    dispatch into worst-case-sized outputs, whose rows past the received ones must be
+    padding (and combine must ignore what its input holds there).
     """
     me, ranks = group.rank, group.world_size
     idx, x = routing.topk_idx[me], routing.x[me]
@@ -70,25 +72,45 @@ def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: i
     recv_x, recv_idx, recv_w, per_expert_list, handle, event = buffer.dispatch(
         to_device(x), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
         topk_idx=to_device(idx) if with_topk else None, topk_weights=to_device(weights) if with_topk else None,
-        expert_alignment=expert_alignment, config=config)
+        expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config)
     event.current_stream_wait()
     want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, routing.num_experts, expert_alignment)
     mine = want[me]
+    rows = len(mine["recv_src_idx"])
+
+    def received(array: Any, padding: Any = None) -> np.ndarray:
+        """The received rows of an output; a worst-case output's other rows must equal ``padding``."""
+        array = to_host(array)
+        if not num_worst_tokens:
+            return array
+        assert array.shape[0] == num_worst_tokens
+        if padding is not None:
+            assert (array[rows:] == padding).all()
+        return array[:rows]
+
     assert to_host(recv_x).dtype == x.dtype
-    np.testing.assert_array_equal(bits(to_host(recv_x)), bits(mine["recv_x"]))
+    np.testing.assert_array_equal(bits(received(recv_x)), bits(mine["recv_x"]))
     if with_topk:
-        np.testing.assert_array_equal(to_host(recv_idx), mine["recv_topk_idx"])
-        np.testing.assert_array_equal(to_host(recv_w), mine["recv_topk_weights"])
+        np.testing.assert_array_equal(received(recv_idx, -1), mine["recv_topk_idx"])
+        np.testing.assert_array_equal(received(recv_w, 0), mine["recv_topk_weights"])
     else:
         assert recv_idx is None and recv_w is None
-    assert per_expert_list == mine["num_recv_tokens_per_expert_list"]
-    np.testing.assert_array_equal(handle[0], mine["rank_prefix_matrix"])
-    np.testing.assert_array_equal(to_host(handle.recv_src_idx), mine["recv_src_idx"])
+    np.testing.assert_array_equal(received(handle.recv_src_idx, -1), mine["recv_src_idx"])
+    if num_worst_tokens:
+        assert per_expert_list == [] and handle[0] is None and handle.num_tokens_per_rank is None
+    else:
+        assert per_expert_list == mine["num_recv_tokens_per_expert_list"]
+        np.testing.assert_array_equal(handle[0], mine["rank_prefix_matrix"])
 
     # combine what every rank received, scaled so that each row differs from the input
+    # (worst-case outputs: padded with rows of other values, which combine must not send)
     scale = np.float32(1.5)
     expert_out = [(w["recv_x"].astype(np.float32) * scale).astype(x.dtype) for w in want]
-    combined, combined_w, _ = buffer.combine(to_device(expert_out[me]), handle,
+    mine_out = expert_out[me]
+    if num_worst_tokens:
+        padding = np.full((num_worst_tokens - rows, x.shape[1]), 7, np.float32).astype(x.dtype)
+        mine_out = np.concatenate([mine_out, padding])
+    combined, combined_w, _ = buffer.combine(to_device(mine_out), handle,
                                              topk_weights=recv_w if with_topk else None, config=config)
     all_in_rank = [reference.dispatch_layout(i, routing.num_experts, ranks)[2] for i in routing.topk_idx]
     want_w = [w["recv_topk_weights"] for w in want] if with_topk else None
@@ -105,19 +127,21 @@ def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: i
                                                                              config=config)
     routing_x2 = [(xi.astype(np.float32) - 3).astype(x.dtype) for xi in routing.x]
     want2 = reference.dispatch(routing_x2, routing.topk_idx, None, routing.num_experts, expert_alignment)[me]
-    np.testing.assert_array_equal(bits(to_host(recv_x2)), bits(want2["recv_x"]))
+    np.testing.assert_array_equal(bits(received(recv_x2)), bits(want2["recv_x"]))
     assert none_idx is None and none_w is None and same_handle is handle
     assert cached_list == per_expert_list
 
 
 def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_experts: int, num_topk: int,
                        dtype: Any, alignment: int, to_device: Callable[[np.ndarray], Any] = _identity,
-                       to_host: Callable[[Any], np.ndarray] = _identity) -> None:
-    """:func:`run_and_check` on every case of :func:`standard_cases`, one Buffer for all."""
+                       to_host: Callable[[Any], np.ndarray] = _identity, worst_case: bool = False) -> None:
+    """:func:`run_and_check` on every case of :func:`standard_cases`, one Buffer for all;
+    ``worst_case``: into outputs of every token of every rank (``num_worst_tokens``)."""
     for case in standard_cases(group.world_size, tokens, hidden, alignment):
         routing = make_routing(case["seed"], group.world_size, case["tokens"], case["hidden"], num_experts, num_topk,
                                dtype, case["pattern"])
-        run_and_check(buffer, group, routing, case["alignment"], case["with_topk"], to_device, to_host)
+        run_and_check(buffer, group, routing, case["alignment"], case["with_topk"], to_device, to_host,
+                      num_worst_tokens=group.world_size * tokens if worst_case else 0)
 
 
 def check_repeated_calls(buffer: Any, group: Any, routing: Routing, calls: int = 3,

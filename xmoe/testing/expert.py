@@ -68,7 +68,7 @@ def check_grouped_gemm(
     got = to_host(got).astype(np.float32)[:rows]
     want = reference.grouped_gemm(a, w, offs, "row_scale" if row_weights else epilogue, weights, w_layout)[:rows]
     atol, rtol = TOLERANCE[out_dtype]
-    bad = ~(np.abs(got - want) <= atol + rtol * np.abs(want))  # NaN poison counts as bad
+    bad = ~(np.abs(got - want) <= atol + rtol * np.abs(want))  # poison (-1.7e38) and NaN count as bad
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise AssertionError(f"{int(bad.sum())} of {bad.size} elements differ (sizes {sizes.tolist()}); first at "
