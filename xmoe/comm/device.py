@@ -176,8 +176,8 @@ def copy_row(target, row):
     """Block-wide ``target[:n] = row`` for ``n = row.shape[0]`` words, up to four loads in flight
     per thread before its stores. The tail is predicated, not a loop of one load at a time: a
     row is often under four words a thread (7168 bfloat16 channels are 1792 8-byte words, 3.5
-    for 512 threads), and one load at a time took the dispatch kernel to 52% of the HBM
-    bandwidth in ncu (one PE on an H100)."""
+    for 512 threads). Rows of 1792 words copied by 264 blocks of 512 threads on an H100:
+    2.73 TB/s, against 2.33 TB/s one load at a time and 2.95 TB/s for CuPy's copy."""
     step = cuda.blockDim.x
     n = row.shape[0]
     w = cuda.threadIdx.x
