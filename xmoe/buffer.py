@@ -166,6 +166,10 @@ class Buffer:
         self.num_ranks = group.world_size
         self.num_nvl_bytes = int(num_nvl_bytes)
         self._block = get_heap(group).alloc(self.num_nvl_bytes)
+        # where each peer's block lies from this rank's (same-GPU or NVLink peers, mapped here)
+        base = data_pointer(self._block.local)
+        offsets = np.array([data_pointer(peer) - base for peer in self._block.peers], np.int64)
+        self._peer_offsets = static_arg(kernel_view(xp().asarray(offsets)))
         self._seq = 0
         # what config=None means, resolved once: reading the environment costs a few us a call
         self._default_config = Config().resolved(group.backend)
@@ -222,17 +226,15 @@ class Buffer:
         return layout
 
     def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype) -> dict[str, Any]:
-        """Peer tuples and local views of half ``parity``, the payload as ``word``-sized
-        integers, packed once for the kernels."""
+        """This rank's views of the fields of half ``parity``, the payload also as ``word``-sized
+        integers (``x_words``), packed once for the kernels (which reach a peer's field through
+        :attr:`_peer_offsets`)."""
         key = (id(layout), parity, word.itemsize)
         fields = self._views.get(key)
         if fields is None:
-            peers = [layout.views(block, parity) for block in self._block.peers]
-            fields = {name: static_arg(tuple(p[name] for p in peers)) for name in layout.fields}
-            fields["x_words"] = static_arg(tuple(p["x"].view(word) for p in peers))
-            local = dict(peers[self.rank], x_words=peers[self.rank]["x"].view(word))
-            fields["local"] = {name: static_arg(view) for name, view in local.items()}
-            self._views[key] = fields
+            views = layout.views(self._block.local, parity)
+            views["x_words"] = views["x"].view(word)
+            fields = self._views[key] = {name: static_arg(view) for name, view in views.items()}
         return fields
 
     def _plan(self, framework: str, previous_event: EventOverlap | None, async_finish: bool) -> StreamPlan | HostPlan:
@@ -414,13 +416,12 @@ class Buffer:
         notify = self._launches.get(("notify",) + key)
         if notify is None:
             fields = self._fields(layout, parity, words.dtype)
-            local = fields["local"]
             notify = self._launches[("notify",) + key] = prepare_notify(
                 writes, config.num_threads,
-                (in_rank, expert_counts, send_slot, self._rank_counts, fields["meta"], local["meta"],
-                 fields["notify_signals"], local["notify_signals"], self.rank, seq, row_bytes, idx.shape[1],
-                 config.timeout_ns, self._work, recv_offsets, self._status.device),
-                changing=(0, 1, 2, 9, 14))
+                (in_rank, expert_counts, send_slot, self._rank_counts, self._peer_offsets, fields["meta"],
+                 fields["notify_signals"], self.rank, seq, row_bytes, idx.shape[1], config.timeout_ns, self._work,
+                 recv_offsets, self._status.device),
+                changing=(0, 1, 2, 8, 13))
         notify(plan.pointer, in_rank, expert_counts, send_slot, seq, recv_offsets)
         if num_worst_tokens:  # the outputs are sized already: send and receive in one launch, no waiting
             counts, num_recv, phases = None, int(num_worst_tokens), SEND | RECEIVE
@@ -432,7 +433,7 @@ class Buffer:
                 send = self._launches[("send",) + key] = prepare_dispatch(
                     writes, SEND, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
                                                               num_local_experts, seq, config, recv_offsets, *no_rows),
-                    changing=(0, 1, 2, 3, 19, 25))
+                    changing=(0, 1, 2, 3, 14, 20))
             send(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets)
             self._wait_for_notify(seq, config.timeout_s)
             counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
@@ -454,7 +455,7 @@ class Buffer:
                 writes, phases, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
                                                             num_local_experts, seq, config, recv_offsets, recv_words,
                                                             recv_src_idx, recv_idx, recv_weights),
-                changing=(0, 1, 2, 3, 19, 25, 26, 27, 28, 29))
+                changing=(0, 1, 2, 3, 14, 20, 21, 22, 23, 24))
         receive(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets, recv_words, recv_src_idx, recv_idx,
                 recv_weights)
         # after the launch: the GPU need not wait for this
@@ -475,14 +476,12 @@ class Buffer:
                        recv_words: Any, recv_src_idx: Any, recv_idx: Any, recv_weights: Any) -> tuple:
         """The arguments of :func:`xmoe.kernels.dispatch.dispatch_kernel` after ``phases``."""
         fields = self._fields(layout, parity, words.dtype)
-        local = fields["local"]
         return (
-            words, idx, weights, send_slot, num_local_experts, self._no_counts, fields["x_words"], local["x_words"],
-            fields["src_idx"], local["src_idx"], fields["topk_idx"], local["topk_idx"], fields["topk_weights"],
-            local["topk_weights"], fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq,
-            words.shape[1] * words.itemsize, self._work, config.timeout_ns, self._status.device,
-            self._fields(layout, parity, recv_words.dtype)["local"]["x_words"], recv_offsets, recv_words,
-            recv_src_idx, recv_idx, recv_weights,
+            words, idx, weights, send_slot, num_local_experts, self._no_counts, self._peer_offsets, fields["x_words"],
+            fields["src_idx"], fields["topk_idx"], fields["topk_weights"], fields["meta"], fields["signals"],
+            self.rank, seq, words.shape[1] * words.itemsize, self._work, config.timeout_ns, self._status.device,
+            self._fields(layout, parity, recv_words.dtype)["x_words"], recv_offsets, recv_words, recv_src_idx,
+            recv_idx, recv_weights,
         )
 
     def _cached_dispatch(self, payload: Any, origin: Origin, handle: DispatchHandle, config: Config,
@@ -504,7 +503,7 @@ class Buffer:
                                        handle.recv_src_idx, _no_columns(handle.num_recv, np.int64),
                                        _no_columns(handle.num_recv, np.float32))
             prepared = handle.launches[key] = prepare_dispatch(transport(config.force_put), SEND | RECEIVE, config,
-                                                               args, changing=(0, 19, 26))  # words, seq, recv_words
+                                                               args, changing=(0, 14, 21))  # words, seq, recv_words
         prepared(plan.pointer, words, seq, recv_words)
         self._raise_on_error()
         return recv_x_out(), None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
@@ -645,16 +644,14 @@ class Buffer:
         layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, handle.max_recv_per_source,
                               "combine")
         fields = self._fields(layout, parity, words.dtype)
-        local = fields["local"]
         args = (
-            words, weights, handle.recv_offsets, fields["x_words"], local["x_words"], fields["topk_weights"],
-            local["topk_weights"], fields["meta"], local["meta"], fields["signals"], local["signals"], self.rank, seq,
-            row_bytes, handle.num_local_experts, self._no_counts, self._work, config.timeout_ns,
-            self._status.device, self._fields(layout, parity, out_words.dtype)["local"]["x_words"],
+            words, weights, handle.recv_offsets, self._peer_offsets, fields["x_words"], fields["topk_weights"],
+            fields["meta"], fields["signals"], self.rank, seq, row_bytes, handle.num_local_experts, self._no_counts,
+            self._work, config.timeout_ns, self._status.device, self._fields(layout, parity, out_words.dtype)["x_words"],
             handle.send_slot, out_words, out_weights,
         )
         return prepare_combine(transport(config.force_put), payload.dtype, out_words.dtype, config, args,
-                               changing=(0, 1, 12, 21, 22))
+                               changing=(0, 1, 9, 18, 19))
 
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:

@@ -1,11 +1,15 @@
 """Device functions that kernels call to talk to peers: writes, signals, waits, clocks.
 
 A kernel writes into peers through a :class:`Transport`, chosen when the kernel is
-built: ``STORE`` stores through peer views (tuples of arrays indexed by rank: NVLink
-or the same GPU), ``put_transport()`` issues NVSHMEM puts to the symmetric address of
-the same field (any peer NVSHMEM reaches; forced on one GPU to test it). What differs
-between the GPU and Numba's CUDA simulator is the clock and the back-off of a bounded
-spin: under the simulator a device function is Python in a simulated thread.
+built: ``STORE`` stores through peer views (NVLink or the same GPU): this rank's view of
+a field moved by the byte offset of the peer's block from this rank's (``shifted``: the
+symmetric layout puts every field at the same offset in every block, so a kernel takes
+one array of offsets, not a view per peer and field, whose kernel parameters outgrow
+the 4 KB a launch takes at 8 ranks); ``put_transport()`` issues NVSHMEM puts to the
+symmetric address of the same field (any peer NVSHMEM reaches; forced on one GPU to
+test it). What differs between the GPU and Numba's CUDA simulator is the clock, the
+back-off of a bounded spin and ``shifted``: under the simulator a device function is
+Python in a simulated thread (whose peers' blocks are mapped into this process).
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ ERR_CAPACITY = 3 << 20
 STATUS_ERROR, STATUS_READY, STATUS_INFO = 0, 1, 2
 
 if SIMULATOR:
+    import ctypes
     import time
+
+    def shifted(array, offset):
+        host = getattr(array, "_ary", array)  # a simulated device array holds its NumPy array
+        memory = (ctypes.c_byte * host.nbytes).from_address(host.ctypes.data + int(offset))
+        return np.ndarray(host.shape, host.dtype, buffer=memory, strides=host.strides)
 
     def now_ns() -> int:
         return time.monotonic_ns()
@@ -61,6 +71,18 @@ else:
             return builder.call(timer, [])
 
         return types.uint64(), codegen
+
+    @intrinsic
+    def shifted(typingctx, array, offset):
+        """``array`` with its data pointer moved by ``offset`` bytes (the same field in a peer's block)."""
+
+        def codegen(context, builder, signature, args):
+            view = context.make_array(signature.args[0])(context, builder, value=args[0])
+            address = builder.add(builder.ptrtoint(view.data, ir.IntType(64)), args[1])
+            view.data = builder.inttoptr(address, view.data.type)
+            return view._getvalue()
+
+        return array(array, types.int64), codegen
 
     @cuda.jit(device=True, inline=True)
     def now_ns():
@@ -153,8 +175,9 @@ def exit_block(work):
 
 
 class Transport(NamedTuple):
-    """How a kernel writes into peer ``dst``: each function takes the peers' views (a tuple
-    indexed by rank) and this rank's view of the same symmetric field.
+    """How a kernel writes into peer ``dst``: each function takes the byte offsets of the
+    peers' blocks from this rank's (int64 ``[ranks]``) and this rank's view of the symmetric
+    field.
 
     ``write_row(peers, local, dst, rank, slot, row)``: block-wide, ``field[rank, slot, :] = row``.
     ``write_value(peers, local, dst, rank, slot, j, value)``: one thread, ``field[rank, slot, j] = value``.
@@ -201,22 +224,22 @@ def copy_row(target, row):
 
 @cuda.jit(device=True)
 def _store_row(peers, local, dst, rank, slot, row):
-    copy_row(peers[dst][rank, slot], row)
+    copy_row(shifted(local, peers[dst])[rank, slot], row)
 
 
 @cuda.jit(device=True)
 def _store_value(peers, local, dst, rank, slot, j, value):
-    peers[dst][rank, slot, j] = value
+    shifted(local, peers[dst])[rank, slot, j] = value
 
 
 @cuda.jit(device=True)
 def _store_meta(peers, local, dst, rank, i, value):
-    peers[dst][rank, i] = value
+    shifted(local, peers[dst])[rank, i] = value
 
 
 @cuda.jit(device=True)
 def _store_signal(peers, local, dst, rank, value):
-    raise_signal(peers[dst], rank, value)
+    raise_signal(shifted(local, peers[dst]), rank, value)
 
 
 @cuda.jit(device=True)

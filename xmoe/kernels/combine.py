@@ -39,9 +39,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
 
     @cuda.jit(cache=transport.name == "store")
     def combine(
-        x, topk_weights, recv_offsets, peer_x, local_x, peer_topk_weights, local_topk_weights,
-        peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_local_experts, no_counts,
-        work, timeout_ns, status, field_x, send_slot, out, out_topk_weights,
+        x, topk_weights, recv_offsets, peers, local_x, local_topk_weights, local_meta, local_signals, rank, seq,
+        row_bytes, num_local_experts, no_counts, work, timeout_ns, status, field_x, send_slot, out, out_topk_weights,
     ):
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
@@ -55,13 +54,13 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
             for row in range(first, min(first + CLAIM, num_rows)):
                 src = source_of_row(recv_offsets, row)
                 slot = row - recv_offsets[src]
-                write_row(peer_x, local_x, src, rank, slot, x[row])
+                write_row(peers, local_x, src, rank, slot, x[row])
                 for j in range(tid, num_topk, num_threads):
-                    write_value(peer_topk_weights, local_topk_weights, src, rank, slot, j, topk_weights[row, j])
+                    write_value(peers, local_topk_weights, src, rank, slot, j, topk_weights[row, j])
                 sent += 1
             first = claim(work, WORK_NEXT, slot_of)
-        finish_send(work, sent, num_rows, slot_of, peer_meta, local_meta, peer_signals, local_signals, rank, seq,
-                    row_bytes, num_topk, num_local_experts, no_counts)
+        finish_send(work, sent, num_rows, slot_of, peers, local_meta, local_signals, rank, seq, row_bytes, num_topk,
+                    num_local_experts, no_counts)
         flag = cuda.shared.array(2, np.int32)
         if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, status,
                           flag):

@@ -57,20 +57,20 @@ def make_publish(transport: Transport) -> Any:
     write_meta, signal = transport.write_meta, transport.signal
 
     @cuda.jit(device=True)
-    def publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                num_local_experts, rank_counts, expert_counts):
-        num_ranks = len(peer_signals)
+    def publish(peers, local_meta, local_signals, rank, seq, row_bytes, num_topk, num_local_experts, rank_counts,
+                expert_counts):
+        num_ranks = local_signals.shape[0]
         experts_per_rank = expert_counts.shape[0] // num_ranks
         for dst in range(cuda.threadIdx.x, num_ranks, cuda.blockDim.x):
-            write_meta(peer_meta, local_meta, dst, rank, META_ROW_BYTES, np.int32(row_bytes))
-            write_meta(peer_meta, local_meta, dst, rank, META_TOPK, np.int32(num_topk))
-            write_meta(peer_meta, local_meta, dst, rank, META_LOCAL_EXPERTS, np.int32(num_local_experts))
+            write_meta(peers, local_meta, dst, rank, META_ROW_BYTES, np.int32(row_bytes))
+            write_meta(peers, local_meta, dst, rank, META_TOPK, np.int32(num_topk))
+            write_meta(peers, local_meta, dst, rank, META_LOCAL_EXPERTS, np.int32(num_local_experts))
             for r in range(rank_counts.shape[0]):
-                write_meta(peer_meta, local_meta, dst, rank, META_HEADER + r, np.int32(rank_counts[r]))
+                write_meta(peers, local_meta, dst, rank, META_HEADER + r, np.int32(rank_counts[r]))
             for e in range(experts_per_rank):
-                write_meta(peer_meta, local_meta, dst, rank, META_HEADER + num_ranks + e,
+                write_meta(peers, local_meta, dst, rank, META_HEADER + num_ranks + e,
                            np.int32(expert_counts[dst * experts_per_rank + e]))
-            signal(peer_signals, local_signals, dst, rank, np.int64(seq))
+            signal(peers, local_signals, dst, rank, np.int64(seq))
 
     return publish
 
@@ -83,12 +83,12 @@ def make_finish_send(transport: Transport) -> Any:
     publish = make_publish(transport)
 
     @cuda.jit(device=True)
-    def finish_send(work, sent, total, slot, peer_meta, local_meta, peer_signals, local_signals, rank, seq,
-                    row_bytes, num_topk, num_local_experts, no_counts):
+    def finish_send(work, sent, total, slot, peers, local_meta, local_signals, rank, seq, row_bytes, num_topk,
+                    num_local_experts, no_counts):
         flush()
         if finished_last(work, sent, total, slot):
-            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                    num_local_experts, no_counts, no_counts)
+            publish(peers, local_meta, local_signals, rank, seq, row_bytes, num_topk, num_local_experts, no_counts,
+                    no_counts)
 
     return finish_send
 
@@ -163,16 +163,16 @@ def notify_kernel(transport: Transport) -> Any:
 
     @cuda.jit(cache=transport.name == "store")
     def notify(
-        is_token_in_rank, expert_counts, send_slot, rank_counts, peer_meta, local_meta, peer_signals,
-        local_signals, rank, seq, row_bytes, num_topk, timeout_ns, work, recv_offsets, status,
+        is_token_in_rank, expert_counts, send_slot, rank_counts, peers, local_meta, local_signals, rank, seq,
+        row_bytes, num_topk, timeout_ns, work, recv_offsets, status,
     ):
         num_local_experts = expert_counts.shape[0] // send_slot.shape[1]
         scan_column(is_token_in_rank, send_slot, rank_counts, cuda.blockIdx.x)
         cuda.threadfence()
         last = cuda.shared.array(1, np.int32)
         if finished_last(work, 1, cuda.gridDim.x, last):
-            publish(peer_meta, local_meta, peer_signals, local_signals, rank, seq, row_bytes, num_topk,
-                    num_local_experts, rank_counts, expert_counts)
+            publish(peers, local_meta, local_signals, rank, seq, row_bytes, num_topk, num_local_experts, rank_counts,
+                    expert_counts)
             flag = cuda.shared.array(2, np.int32)
             if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns,
                               status, flag):
@@ -216,10 +216,8 @@ def dispatch_kernel(transport: Transport) -> Any:
     # the simulator's jit takes no such option
     @cuda.jit(cache=transport.name == "store", **({} if SIMULATOR else {"max_registers": 64}))
     def dispatch(
-        phases, x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts,
-        peer_x, local_x, peer_src_idx, local_src_idx, peer_topk_idx, local_topk_idx,
-        peer_topk_weights, local_topk_weights, peer_meta, local_meta, peer_signals, local_signals,
-        rank, seq, row_bytes, work, timeout_ns, status,
+        phases, x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts, peers, local_x, local_src_idx,
+        local_topk_idx, local_topk_weights, local_meta, local_signals, rank, seq, row_bytes, work, timeout_ns, status,
         field_x, recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
     ):
         tid = cuda.threadIdx.x
@@ -236,21 +234,20 @@ def dispatch_kernel(transport: Transport) -> Any:
                     for dst in range(num_ranks):
                         slot = send_slot[t, dst]
                         if slot >= 0:
-                            write_row(peer_x, local_x, dst, rank, slot, x[t])
+                            write_row(peers, local_x, dst, rank, slot, x[t])
                             for j in range(tid, num_topk, num_threads):
                                 local = topk_idx[t, j] - dst * num_local_experts
                                 if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
                                     local = -1
                                 weight = topk_weights[t, j] if local >= 0 else 0.0
-                                write_value(peer_topk_idx, local_topk_idx, dst, rank, slot, j, np.int32(local))
-                                write_value(peer_topk_weights, local_topk_weights, dst, rank, slot, j,
-                                            np.float32(weight))
+                                write_value(peers, local_topk_idx, dst, rank, slot, j, np.int32(local))
+                                write_value(peers, local_topk_weights, dst, rank, slot, j, np.float32(weight))
                             if tid == 0:
-                                write_value(peer_src_idx, local_src_idx, dst, rank, slot, 0, np.int32(t))
+                                write_value(peers, local_src_idx, dst, rank, slot, 0, np.int32(t))
                     sent += 1
                 first = claim(work, WORK_NEXT, slot_of)
-            finish_send(work, sent, num_tokens, slot_of, peer_meta, local_meta, peer_signals, local_signals, rank, seq,
-                        row_bytes, num_topk, num_local_experts, no_counts)
+            finish_send(work, sent, num_tokens, slot_of, peers, local_meta, local_signals, rank, seq, row_bytes,
+                        num_topk, num_local_experts, no_counts)
         flag = cuda.shared.array(2, np.int32)
         if phases & RECEIVE and wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts,
                                                timeout_ns, status, flag):
