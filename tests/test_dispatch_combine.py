@@ -95,3 +95,15 @@ def test_worst_case_outputs_too_short(group):
         assert recv_x.shape[0] == 3 and (recv_idx == -1).all() and (handle.recv_src_idx == -1).all()
     buffer.destroy()
 
+
+
+@pytest.mark.mpi(ranks=8)
+def test_eight_ranks(group):
+    """Eight ranks (the most one NVLink node holds): every peer reached through its block's
+    offset from this rank's, both parity halves, top-k, a cached dispatch and a combine."""
+    import xmoe
+
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(12, 16, 8, 16, 3, np.float32))
+    for call in range(2):
+        run_and_check(buffer, group, make_routing(300 + call, 8, 12, 16, 16, 3, BFLOAT16))
+    buffer.destroy()
