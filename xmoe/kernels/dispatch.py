@@ -256,7 +256,7 @@ def dispatch_kernel(transport: Transport) -> Any:
             received = recv_offsets[recv_offsets.shape[0] - 1]
             if received > num_rows:  # a worst-case recv_x too short: receive nothing
                 if tid == 0:
-                    report_error(status, ERR_CAPACITY + min(received, ERR_TIMEOUT - 1))
+                    report_error(status, ERR_CAPACITY + min(received, ERR_TIMEOUT - 1))  # below the next code
                 received = 0
             first = claim(work, WORK_NEXT_SECOND, slot_of)
             while first < num_rows:

@@ -6,13 +6,13 @@ a simulated device array passes it by reference, as a device pointer is on the G
 
 GPU: Numba's dispatcher costs 35-120 us of host time per launch (it types and converts
 every argument), and ``cuda.core``'s launch converts every parameter in Python (~40-80 us
-for the ~200 parameters of a kernel that takes the peers' views). A kernel is compiled
+for the ~200 parameters the dispatch kernel had when it took every peer's views). A kernel is compiled
 by Numba's dispatcher once per argument signature (or loaded from its disk cache); every
 launch packs the arguments straight into Numba's kernel ABI (an array is meminfo,
 parent, size, itemsize, data pointer, shape, strides, all 8-byte; a tuple is its
 elements in order) as bytes into one parameter buffer and calls the driver's
-``cuLaunchKernel`` through ctypes. Arguments that never change (the peers' views of a
-symmetric buffer) are packed once, as a :class:`StaticArg`; a :class:`Prepared` launch
+``cuLaunchKernel`` through ctypes. Arguments that never change (this rank's views of a
+symmetric buffer, the peers' offsets) are packed once, as a :class:`StaticArg`; a :class:`Prepared` launch
 packs everything once and repacks only the arguments that change.
 """
 
@@ -81,12 +81,12 @@ def _abi(array: Any) -> tuple[int, ...]:
 
 
 #: Signatures of static arguments, each stood for by a small int: a launch hashes its
-#: signature tuple every call, and a peer tuple's signature is a tuple of tuples.
+#: signature tuple every call.
 _STATIC_SIGNATURES: dict[Any, int] = {}
 
 
 class StaticArg:
-    """An argument packed once (GPU) for every launch that passes it (e.g. a tuple of peer views)."""
+    """An argument packed once (GPU) for every launch that passes it (e.g. a view of the symmetric buffer)."""
 
     def __init__(self, value: Any) -> None:
         self.value = value
@@ -129,8 +129,8 @@ def _cu_launch_kernel() -> Any:
 class _Parameters:
     """A kernel's parameter block, passed to the driver whole (``CU_LAUNCH_PARAM_BUFFER_POINTER``):
     Numba's ABI makes every parameter 8 bytes, so the packed bytes are the kernel's parameter
-    layout. One buffer costs the driver 2-4 us less per launch than ~350 separate parameter
-    pointers (the peers' views), measured on an H100 host."""
+    layout. One buffer cost the driver 2-4 us less per launch than ~350 separate parameter
+    pointers (when the kernels took every peer's views), measured on an H100 host."""
 
     def __init__(self, num_bytes: int) -> None:
         self.num_bytes = num_bytes
