@@ -9,7 +9,7 @@ import numpy as np
 from numba import cuda
 
 from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, claim, exit_block
-from xmoe.kernels.dispatch import make_finish_send, source_of_row, wait_for_peers
+from xmoe.kernels.dispatch import CAPPED_REGISTERS, make_finish_send, source_of_row, wait_for_peers
 from xmoe.config import Config
 from xmoe.kernels.launch import Prepared
 from xmoe.kernels.numerics import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bits
@@ -37,7 +37,7 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     lane_mask = (1 << lane_bits) - 1
     widen, narrow = (bf16_to_f32, f32_to_bf16) if element == np.uint16 else (f32_from_bits, f32_to_bits)
 
-    @cuda.jit(cache=transport.name == "store")
+    @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
     def combine(
         x, topk_weights, recv_offsets, peers, local_x, local_topk_weights, local_meta, local_signals, rank, seq,
         row_bytes, num_local_experts, no_counts, work, timeout_ns, status, field_x, send_slot, out, out_topk_weights,
