@@ -187,3 +187,57 @@ def test_gpu_worst_case_too_short_raises(group):
         recv_x, _, _, _, handle, _ = buffer.dispatch(x, **args)
         assert recv_x.shape[0] == 10 and (to_host(handle.recv_src_idx) == -1).all()
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_gpu_cuda_graph_replays(group, monkeypatch):
+    """A worst-case dispatch and a combine captured in one CUDA graph: the kernels number each
+    replay's calls on the device, so every replay, with a new payload copied into the captured
+    input, gives that payload's results; eager calls after the replays still pair up with the
+    peers'. (Outputs are not poisoned here: a synchronous memset cannot be captured; every
+    replay's new payload shows any output not rewritten.)"""
+    import torch
+
+    import xmoe
+    import xmoe.interop
+    from xmoe import reference
+
+    monkeypatch.setattr(xmoe.interop, "_poison", lambda: False)
+    to_device, to_host = torch_io()
+    me, num_experts = group.rank, 16
+    routing = make_routing(31, 2, 200, 256, num_experts, 4, BFLOAT16)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(200, 256, 2, num_experts, 4))
+    idx, x, weights = (to_device(a[me]) for a in (routing.topk_idx, routing.x, routing.topk_weights))
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+    args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                topk_idx=idx, topk_weights=weights, num_worst_tokens=400)
+
+    def layer():
+        recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(x, **args)
+        combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        return recv_x, recv_idx, combined, combined_w
+
+    layer()  # compiles and prepares every launch before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recv_x, recv_idx, combined, combined_w = layer()
+    in_ranks = [reference.dispatch_layout(i, num_experts, 2)[2] for i in routing.topk_idx]
+    for replay in range(4):
+        payloads = [(p.astype(np.float32) * (replay + 2) - replay).astype(BFLOAT16) for p in routing.x]
+        x.copy_(to_device(payloads[me]))
+        group.barrier()
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.dispatch(payloads, routing.topk_idx, routing.topk_weights, num_experts)
+        rows = len(want[me]["recv_src_idx"])
+        np.testing.assert_array_equal(to_host(recv_x)[:rows].view(np.uint16), want[me]["recv_x"].view(np.uint16))
+        np.testing.assert_array_equal(to_host(recv_idx)[:rows], want[me]["recv_topk_idx"])
+        want_x, want_w = reference.combine([w["recv_x"] for w in want], in_ranks,
+                                           [w["recv_topk_weights"] for w in want])[me]
+        np.testing.assert_array_equal(to_host(combined).view(np.uint16), want_x.view(np.uint16))
+        np.testing.assert_array_equal(to_host(combined_w), want_w)
+    eager_recv_x = layer()[0]  # eager again: the device's call count went on with the replays
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(to_host(eager_recv_x)[:rows].view(np.uint16), want[me]["recv_x"].view(np.uint16))
+    buffer.destroy()

@@ -1,9 +1,10 @@
 """Buffer: the DeepEP-shaped entry point for layout, dispatch and combine.
 
 One Buffer owns one symmetric block of ``num_nvl_bytes`` on every rank. Every call is
-collective (all ranks call the same sequence of dispatch/combine) and numbered; the
-call number picks the parity half of the block (see ``layout/symmetric.py``) and is
-the value of the signals, so the block is reused call after call with no reset.
+collective (all ranks call the same sequence of dispatch/combine) and numbered on the
+device (``xmoe.comm.device.call_number``: kernels captured in a CUDA graph number each
+replay); the call number picks the parity half of the block (see ``layout/symmetric.py``)
+and is the value of the signals, so the block is reused call after call with no reset.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ class DispatchHandle(NamedTuple):
             a bound with ``num_worst_tokens``).
         num_recv: ``recv_x``'s length: the rows this rank received, or ``num_worst_tokens``.
         launches: the prepared launches (:class:`xmoe.kernels.launch.Prepared`) of the cached
-            dispatches and combines that use this handle, by Buffer, parity and argument set
-            (internal: later calls change only the payloads and the sequence number).
+            dispatches and combines that use this handle, by Buffer and argument set
+            (internal: later calls change only the payloads).
     """
 
     rank_prefix_matrix: np.ndarray
@@ -174,12 +175,14 @@ class Buffer:
         # what config=None means, resolved once: reading the environment costs a few us a call
         self._default_config = Config().resolved(group.backend)
         self._work = kernel_view(xp().zeros(4, np.int32))  # the kernels' work counters (comm/device.py)
+        self._calls = kernel_view(xp().zeros(1, np.int64))  # calls finished, counted on the device (call_number)
         self._rank_counts = kernel_view(xp().empty(self.num_ranks, np.int32))
         self._no_counts = kernel_view(xp().zeros(0, np.int32))
         self._status = HostWords(STATUS_INFO + self.num_ranks * self.num_ranks + MAX_LOCAL_EXPERTS)
         self._failure: str | None = None
         self._last_call = ("dispatch", 0.0)  # what a late error report names: the call and its timeout
         self._views: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._halves: dict[tuple, Any] = {}
         self._launches: dict[tuple, Prepared] = {}  # the non-cached dispatch's prepared launches
         self._comm_stream = None
 
@@ -247,10 +250,31 @@ class Buffer:
             self._comm_stream = cupy.cuda.Stream(non_blocking=True)
         return StreamPlan(framework, self._comm_stream, previous_event, async_finish)
 
-    def _next_call(self, what: str, config: Config) -> tuple[int, int]:
+    def _halves_of(self, layout: SymmetricLayout, word: np.dtype, names: tuple[str, ...],
+                   field_word: np.dtype | None = None) -> Any:
+        """For each parity half: this rank's view of every field in ``names`` (payloads as
+        ``word``-sized integers), then, with ``field_word``, its payload field as those words;
+        packed once. A kernel picks the half of its call on the device
+        (see :func:`xmoe.comm.device.call_number`)."""
+        key = (id(layout), word.itemsize, names, field_word)
+        halves = self._halves.get(key)
+        if halves is None:
+            parts = []
+            for parity in (0, 1):
+                fields = self._fields(layout, parity, word)
+                views = [fields[name] for name in names]
+                if field_word is not None:
+                    views.append(self._fields(layout, parity, field_word)["x_words"])
+                parts.append(tuple(views))
+            halves = self._halves[key] = static_arg(tuple(parts))
+        return halves
+
+    def _next_call(self, what: str, config: Config) -> int:
+        """The host's number of this call (``_wait_for_notify`` looks for it), remembered with the
+        call's name and timeout for a later error report."""
         self._seq += 1
         self._last_call = (what, config.timeout_s)
-        return self._seq, self._seq % 2
+        return self._seq
 
     def _take_kernel_error(self) -> None:
         """Retire this Buffer (record its failure, once) when a kernel has left an error code in
@@ -404,7 +428,7 @@ class Buffer:
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self._layout(row_bytes, idx.shape[1], num_local_experts, num_tokens, "dispatch")
         words = _as_words(payload)
-        seq, parity = self._next_call("dispatch", config)
+        seq = self._next_call("dispatch", config)
         writes = transport(config.force_put)
         # the handle's arrays in one allocation: send slots, receive offsets, room for the
         # source index of every row this rank can receive
@@ -412,15 +436,14 @@ class Buffer:
         handle_block = _empty(src_idx_first + max(ranks * layout.capacity, num_worst_tokens), np.int32, origin)
         send_slot = _part(handle_block, 0, (num_tokens, ranks))
         recv_offsets = _part(handle_block, num_tokens * ranks, (ranks + 1,))
-        key = (parity, id(layout), words.dtype, config)
+        key = (id(layout), words.dtype, config)
         notify = self._launches.get(("notify",) + key)
         if notify is None:
-            fields = self._fields(layout, parity, words.dtype)
             notify = self._launches[("notify",) + key] = prepare_notify(
                 writes, config.num_threads,
-                (in_rank, expert_counts, send_slot, self._rank_counts, self._peer_offsets, fields["meta"],
-                 fields["notify_signals"], self.rank, seq, row_bytes, idx.shape[1], config.timeout_ns, self._work,
-                 recv_offsets, self._status.device),
+                (in_rank, expert_counts, send_slot, self._rank_counts, self._peer_offsets,
+                 self._halves_of(layout, words.dtype, ("meta", "notify_signals")), self.rank, self._calls, seq,
+                 row_bytes, idx.shape[1], config.timeout_ns, self._work, recv_offsets, self._status.device),
                 changing=(0, 1, 2, 8, 13))
         notify(plan.pointer, in_rank, expert_counts, send_slot, seq, recv_offsets)
         if num_worst_tokens:  # the outputs are sized already: send and receive in one launch, no waiting
@@ -431,10 +454,10 @@ class Buffer:
                 no_rows = (_no_columns(0, words.dtype), self._no_counts, _no_columns(0, np.int64),
                            _no_columns(0, np.float32))
                 send = self._launches[("send",) + key] = prepare_dispatch(
-                    writes, SEND, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
-                                                              num_local_experts, seq, config, recv_offsets, *no_rows),
-                    changing=(0, 1, 2, 3, 14, 20))
-            send(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets)
+                    writes, SEND, config, self._dispatch_args(layout, words, idx, weights, send_slot,
+                                                              num_local_experts, config, recv_offsets, *no_rows),
+                    changing=(0, 1, 2, 3, 14))
+            send(plan.pointer, words, idx, weights, send_slot, recv_offsets)
             self._wait_for_notify(seq, config.timeout_s)
             counts = self._status.host[STATUS_INFO : STATUS_INFO + ranks * ranks].reshape(ranks, ranks).copy()
             num_recv, phases = int(counts[:, self.rank].sum()), RECEIVE  # counts: row = source
@@ -452,11 +475,11 @@ class Buffer:
         receive = self._launches.get(receive_key)
         if receive is None:
             receive = self._launches[receive_key] = prepare_dispatch(
-                writes, phases, config, self._dispatch_args(layout, parity, words, idx, weights, send_slot,
-                                                            num_local_experts, seq, config, recv_offsets, recv_words,
+                writes, phases, config, self._dispatch_args(layout, words, idx, weights, send_slot,
+                                                            num_local_experts, config, recv_offsets, recv_words,
                                                             recv_src_idx, recv_idx, recv_weights),
-                changing=(0, 1, 2, 3, 14, 20, 21, 22, 23, 24))
-        receive(plan.pointer, words, idx, weights, send_slot, seq, recv_offsets, recv_words, recv_src_idx, recv_idx,
+                changing=(0, 1, 2, 3, 14, 15, 16, 17, 18))
+        receive(plan.pointer, words, idx, weights, send_slot, recv_offsets, recv_words, recv_src_idx, recv_idx,
                 recv_weights)
         # after the launch: the GPU need not wait for this
         handle = self._new_handle(counts, num_recv, in_rank, send_slot, recv_offsets, recv_src_idx,
@@ -471,40 +494,39 @@ class Buffer:
             plan.finish(),
         )
 
-    def _dispatch_args(self, layout: SymmetricLayout, parity: int, words: Any, idx: Any, weights: Any,
-                       send_slot: Any, num_local_experts: int, seq: int, config: Config, recv_offsets: Any,
-                       recv_words: Any, recv_src_idx: Any, recv_idx: Any, recv_weights: Any) -> tuple:
+    def _dispatch_args(self, layout: SymmetricLayout, words: Any, idx: Any, weights: Any, send_slot: Any,
+                       num_local_experts: int, config: Config, recv_offsets: Any, recv_words: Any, recv_src_idx: Any,
+                       recv_idx: Any, recv_weights: Any) -> tuple:
         """The arguments of :func:`xmoe.kernels.dispatch.dispatch_kernel` after ``phases``."""
-        fields = self._fields(layout, parity, words.dtype)
+        halves = self._halves_of(layout, words.dtype, ("x_words", "src_idx", "topk_idx", "topk_weights", "meta",
+                                                       "signals"), recv_words.dtype)
         return (
-            words, idx, weights, send_slot, num_local_experts, self._no_counts, self._peer_offsets, fields["x_words"],
-            fields["src_idx"], fields["topk_idx"], fields["topk_weights"], fields["meta"], fields["signals"],
-            self.rank, seq, words.shape[1] * words.itemsize, self._work, config.timeout_ns, self._status.device,
-            self._fields(layout, parity, recv_words.dtype)["x_words"], recv_offsets, recv_words, recv_src_idx,
-            recv_idx, recv_weights,
+            words, idx, weights, send_slot, num_local_experts, self._no_counts, self._peer_offsets, halves, self.rank,
+            self._calls, words.shape[1] * words.itemsize, self._work, config.timeout_ns, self._status.device,
+            recv_offsets, recv_words, recv_src_idx, recv_idx, recv_weights,
         )
 
     def _cached_dispatch(self, payload: Any, origin: Origin, handle: DispatchHandle, config: Config,
                          plan: StreamPlan | HostPlan) -> tuple:
         """A dispatch that repeats ``handle``'s routing: one launch that sends and receives,
-        prepared once per handle, parity and argument set."""
+        prepared once per handle and argument set."""
         recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin,
                                         origin.dtype == "bfloat16", raw=True)
         words, recv_words = _as_words(payload), _as_words(recv_x)
-        seq, parity = self._next_call("dispatch", config)
-        key = ("dispatch", id(self), parity, words.shape, words.dtype, recv_words.dtype, config)
+        self._next_call("dispatch", config)
+        key = ("dispatch", id(self), words.shape, words.dtype, recv_words.dtype, config)
         prepared = handle.launches.get(key)
         if prepared is None:
             row_bytes = payload.shape[1] * payload.itemsize
             layout = self._layout(row_bytes, 0, handle.num_local_experts, payload.shape[0], "dispatch")
-            args = self._dispatch_args(layout, parity, words, _no_columns(payload.shape[0], np.int64),
+            args = self._dispatch_args(layout, words, _no_columns(payload.shape[0], np.int64),
                                        _no_columns(payload.shape[0], np.float32), handle.send_slot,
-                                       handle.num_local_experts, seq, config, handle.recv_offsets, recv_words,
+                                       handle.num_local_experts, config, handle.recv_offsets, recv_words,
                                        handle.recv_src_idx, _no_columns(handle.num_recv, np.int64),
                                        _no_columns(handle.num_recv, np.float32))
             prepared = handle.launches[key] = prepare_dispatch(transport(config.force_put), SEND | RECEIVE, config,
-                                                               args, changing=(0, 14, 21))  # words, seq, recv_words
-        prepared(plan.pointer, words, seq, recv_words)
+                                                               args, changing=(0, 15))  # words, recv_words
+        prepared(plan.pointer, words, recv_words)
         self._raise_on_error()
         return recv_x_out(), None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
 
@@ -625,39 +647,39 @@ class Buffer:
         else:
             out_weights = _no_columns(num_tokens, np.float32)
         words, out_words = _as_words(payload), _as_words(out)
-        seq, parity = self._next_call("combine", config)
-        key = ("combine", id(self), parity, words.shape, words.dtype, out_words.dtype, payload.dtype, weights.shape,
-               config)
+        self._next_call("combine", config)
+        key = ("combine", id(self), words.shape, words.dtype, out_words.dtype, payload.dtype, weights.shape, config)
         prepared = handle.launches.get(key)
         if prepared is None:
             prepared = handle.launches[key] = self._prepare_combine(handle, payload, words, weights, out_words,
-                                                                    out_weights, seq, parity, config)
-        prepared(plan.pointer, words, weights, seq, out_words, out_weights)
+                                                                    out_weights, config)
+        prepared(plan.pointer, words, weights, out_words, out_weights)
         self._raise_on_error()
         return out_finish(), out_weights_finish() if topk_weights is not None else None, plan.finish()
 
     def _prepare_combine(self, handle: DispatchHandle, payload: Any, words: Any, weights: Any, out_words: Any,
-                         out_weights: Any, seq: int, parity: int, config: Config) -> Prepared:
+                         out_weights: Any, config: Config) -> Prepared:
         """The combine launch for ``handle`` and this argument set, prepared once: later calls
-        change the payload, the top-k weights, the sequence number and the outputs."""
+        change the payload, the top-k weights and the outputs."""
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self._layout(row_bytes, weights.shape[1], handle.num_local_experts, handle.max_recv_per_source,
                               "combine")
-        fields = self._fields(layout, parity, words.dtype)
+        halves = self._halves_of(layout, words.dtype, ("x_words", "topk_weights", "meta", "signals"),
+                                 out_words.dtype)
         args = (
-            words, weights, handle.recv_offsets, self._peer_offsets, fields["x_words"], fields["topk_weights"],
-            fields["meta"], fields["signals"], self.rank, seq, row_bytes, handle.num_local_experts, self._no_counts,
-            self._work, config.timeout_ns, self._status.device, self._fields(layout, parity, out_words.dtype)["x_words"],
+            words, weights, handle.recv_offsets, self._peer_offsets, halves, self.rank, self._calls, row_bytes,
+            handle.num_local_experts, self._no_counts, self._work, config.timeout_ns, self._status.device,
             handle.send_slot, out_words, out_weights,
         )
         return prepare_combine(transport(config.force_put), payload.dtype, out_words.dtype, config, args,
-                               changing=(0, 1, 9, 18, 19))
+                               changing=(0, 1, 14, 15))
 
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:
         """Free the symmetric block (collective: every rank calls it)."""
         if self._block is not None:
             self._views.clear()
+            self._halves.clear()
             self._block.free()
             self._block = None
             self._status.free()

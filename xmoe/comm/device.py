@@ -33,7 +33,7 @@ ERR_CAPACITY = 3 << 20
 
 # A Buffer's status words, host memory the kernels write (mapped pinned memory on the GPU),
 # so the host learns of errors and of the dispatch counts without copying or synchronising:
-# the error code, the sequence number of the last notify that finished, then its counts.
+# the error code, the host's number of the last call whose notify finished, then its counts.
 STATUS_ERROR, STATUS_READY, STATUS_INFO = 0, 1, 2
 
 if SIMULATOR:
@@ -166,12 +166,25 @@ def finished_last(work, count, total, slot):
 
 
 @cuda.jit(device=True)
-def exit_block(work):
-    """Every block, last: the block that exits last zeroes the counters for the next launch."""
+def call_number(calls):
+    """The sequence number of the call a kernel belongs to: one more than the calls finished
+    (``calls[0]``, which the last kernel of each call advances), so that a launch captured in
+    a CUDA graph numbers each replay by itself. Its parity picks the half of the symmetric
+    buffer the call uses."""
+    return calls[0] + 1
+
+
+@cuda.jit(device=True)
+def exit_block(work, calls, ends_call):
+    """Every block, last: the block that exits last zeroes the counters for the next launch and,
+    in the last kernel of a call (``ends_call``), counts the call as finished in ``calls[0]``
+    (every block has read it by then)."""
     cuda.syncthreads()
     if cuda.threadIdx.x == 0 and cuda.atomic.add(work, WORK_EXITED, 1) == cuda.gridDim.x - 1:
         for i in range(4):
             work[i] = 0
+        if ends_call:
+            calls[0] += 1
 
 
 class Transport(NamedTuple):

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, claim, exit_block
+from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, call_number, claim, exit_block
 from xmoe.kernels.dispatch import CAPPED_REGISTERS, make_finish_send, source_of_row, wait_for_peers
 from xmoe.config import Config
 from xmoe.kernels.launch import Prepared
@@ -29,6 +29,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     token sums in fp32, in rank order, the rows that came back for it (``send_slot[t, r]``
     locates them in ``field_x``, this rank's view as ``out``'s words), and rounds to the
     payload type. Blocks take rows and tokens as they come (see :func:`dispatch_kernel`).
+    ``halves``: per parity half, this rank's view of x (as ``x``'s words), topk_weights,
+    meta and signals, then ``field_x`` (``peers``: the byte offsets of the peers' blocks).
     """
     write_row, write_value = transport.write_row, transport.write_value
     finish_send = make_finish_send(transport)
@@ -39,9 +41,11 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
 
     @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
     def combine(
-        x, topk_weights, recv_offsets, peers, local_x, local_topk_weights, local_meta, local_signals, rank, seq,
-        row_bytes, num_local_experts, no_counts, work, timeout_ns, status, field_x, send_slot, out, out_topk_weights,
+        x, topk_weights, recv_offsets, peers, halves, rank, calls, row_bytes, num_local_experts, no_counts, work,
+        timeout_ns, status, send_slot, out, out_topk_weights,
     ):
+        seq = call_number(calls)
+        local_x, local_topk_weights, local_meta, local_signals, field_x = halves[1] if seq & 1 else halves[0]
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
         num_topk = topk_weights.shape[1]
@@ -91,14 +95,14 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
                                 total += local_topk_weights[r, slot, j]
                         out_topk_weights[t, j] = total
                 first = claim(work, WORK_NEXT_SECOND, slot_of)
-        exit_block(work)
+        exit_block(work, calls, True)
 
     return combine
 
 
 def prepare_combine(transport: Transport, element: np.dtype, word: np.dtype, config: Config, args: tuple,
                     changing: tuple[int, ...]) -> Prepared:
-    """:func:`combine_kernel` prepared with ``args`` (``x``, ``field_x`` and ``out``
+    """:func:`combine_kernel` prepared with ``args`` (``x``, ``out`` and the payload fields
     as words); ``changing``: positions in ``args`` (see :class:`xmoe.kernels.launch.Prepared`)."""
     return Prepared(combine_kernel(transport, np.dtype(element), np.dtype(word)), config.num_sms, config.num_threads,
                     args, changing, spins=True)

@@ -39,6 +39,7 @@ from xmoe.comm.device import (
     Transport,
     claim,
     copy_row,
+    call_number,
     exit_block,
     finished_last,
     load_fresh,
@@ -165,14 +166,19 @@ def source_of_row(recv_offsets, row):
 
 @lru_cache(maxsize=None)
 def notify_kernel(transport: Transport) -> Any:
-    """The notify kernel for ``transport`` (one block per rank; built, and compiled, on first use)."""
+    """The notify kernel for ``transport`` (one block per rank; built, and compiled, on first use).
+    ``halves``: per parity half, this rank's meta and notify signals (``peers``: the byte
+    offsets of the peers' blocks);
+    ``call_id``: the host's number of the call, left in ``status[STATUS_READY]`` at the end."""
     publish = make_publish(transport)
 
     @cuda.jit(cache=transport.name == "store")
     def notify(
-        is_token_in_rank, expert_counts, send_slot, rank_counts, peers, local_meta, local_signals, rank, seq,
-        row_bytes, num_topk, timeout_ns, work, recv_offsets, status,
+        is_token_in_rank, expert_counts, send_slot, rank_counts, peers, halves, rank, calls, call_id, row_bytes,
+        num_topk, timeout_ns, work, recv_offsets, status,
     ):
+        seq = call_number(calls)
+        local_meta, local_signals = halves[1] if seq & 1 else halves[0]
         num_local_experts = expert_counts.shape[0] // send_slot.shape[1]
         scan_column(is_token_in_rank, send_slot, rank_counts, cuda.blockIdx.x)
         cuda.threadfence()
@@ -187,8 +193,8 @@ def notify_kernel(transport: Transport) -> Any:
             cuda.threadfence_system()
             cuda.syncthreads()
             if cuda.threadIdx.x == 0:
-                status[STATUS_READY] = seq
-        exit_block(work)
+                status[STATUS_READY] = call_id
+        exit_block(work, calls, False)
 
     return notify
 
@@ -214,16 +220,22 @@ def dispatch_kernel(transport: Transport) -> Any:
     Blocks take tokens and rows as they come (``claim``), so the kernel finishes whichever
     of its blocks are on the GPU: with both phases, blocks that wait do not keep the sends
     of blocks not yet running from happening.
+    ``halves``: for each parity half of the symmetric buffer, this rank's view of x (as
+    ``x``'s words), src_idx, topk_idx, topk_weights, meta and signals, then ``field_x``; the
+    call's number (:func:`call_number`) picks the half (``peers``: the byte offsets of the
+    peers' blocks). A launch with ``RECEIVE`` ends its call.
     """
     write_row, write_value = transport.write_row, transport.write_value
     finish_send = make_finish_send(transport)
 
     @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
     def dispatch(
-        phases, x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts, peers, local_x, local_src_idx,
-        local_topk_idx, local_topk_weights, local_meta, local_signals, rank, seq, row_bytes, work, timeout_ns, status,
-        field_x, recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
+        phases, x, topk_idx, topk_weights, send_slot, num_local_experts, no_counts, peers, halves, rank, calls,
+        row_bytes, work, timeout_ns, status, recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
     ):
+        seq = call_number(calls)
+        local_x, local_src_idx, local_topk_idx, local_topk_weights, local_meta, local_signals, field_x = (
+            halves[1] if seq & 1 else halves[0])
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
         num_topk = topk_idx.shape[1]
@@ -281,7 +293,7 @@ def dispatch_kernel(transport: Transport) -> Any:
                         if tid == 0:
                             recv_src_idx[row] = -1
                 first = claim(work, WORK_NEXT_SECOND, slot_of)
-        exit_block(work)
+        exit_block(work, calls, phases & RECEIVE)
 
     return dispatch
 
@@ -295,7 +307,7 @@ def prepare_notify(transport: Transport, threads: int, args: tuple, changing: tu
 def prepare_dispatch(transport: Transport, phases: int, config: Config, args: tuple,
                      changing: tuple[int, ...]) -> Prepared:
     """:func:`dispatch_kernel` for ``phases`` (``SEND``, ``RECEIVE`` or both) prepared with
-    ``args`` (after ``phases``; ``x``, ``field_x`` and ``recv_x`` are payloads as words);
+    ``args`` (after ``phases``; ``x``, ``recv_x`` and the payload fields are words);
     ``changing``: positions in ``args``. A receive is launched even for no rows (its wait
     orders the calls)."""
     return Prepared(dispatch_kernel(transport), config.num_sms, config.num_threads, (phases, *args),
