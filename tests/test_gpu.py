@@ -189,8 +189,8 @@ def test_gpu_worst_case_too_short_raises(group):
     buffer.destroy()
 
 
-@pytest.mark.mpi(ranks=2)
-def test_gpu_cuda_graph_replays(group, monkeypatch):
+@pytest.mark.parametrize("ranks", RANKS)
+def test_gpu_cuda_graph_replays(group, ranks, monkeypatch):
     """A worst-case dispatch and a combine captured in one CUDA graph: the kernels number each
     replay's calls on the device, so every replay, with a new payload copied into the captured
     input, gives that payload's results; eager calls after the replays still pair up with the
@@ -205,12 +205,12 @@ def test_gpu_cuda_graph_replays(group, monkeypatch):
     monkeypatch.setattr(xmoe.interop, "_poison", lambda: False)
     to_device, to_host = torch_io()
     me, num_experts = group.rank, 16
-    routing = make_routing(31, 2, 200, 256, num_experts, 4, BFLOAT16)
-    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(200, 256, 2, num_experts, 4))
+    routing = make_routing(31, ranks, 200, 256, num_experts, 4, BFLOAT16)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(200, 256, ranks, num_experts, 4))
     idx, x, weights = (to_device(a[me]) for a in (routing.topk_idx, routing.x, routing.topk_weights))
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
     args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=idx, topk_weights=weights, num_worst_tokens=400)
+                topk_idx=idx, topk_weights=weights, num_worst_tokens=ranks * 200)
 
     def layer():
         recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(x, **args)
@@ -222,7 +222,7 @@ def test_gpu_cuda_graph_replays(group, monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         recv_x, recv_idx, combined, combined_w = layer()
-    in_ranks = [reference.dispatch_layout(i, num_experts, 2)[2] for i in routing.topk_idx]
+    in_ranks = [reference.dispatch_layout(i, num_experts, ranks)[2] for i in routing.topk_idx]
     for replay in range(4):
         payloads = [(p.astype(np.float32) * (replay + 2) - replay).astype(BFLOAT16) for p in routing.x]
         x.copy_(to_device(payloads[me]))

@@ -391,8 +391,8 @@ class Buffer:
             expert_alignment: per-expert received counts are padded to a multiple of it.
             num_worst_tokens: 0, or the rows of worst-case-sized outputs (DeepEP's option): the
                 host then never waits for the received count, so the whole dispatch is queued at
-                once (not yet capturable in a CUDA graph: each call passes its own sequence
-                number to the kernels). Rows past the received count are
+                once, and it can be captured in a CUDA graph (with cached dispatches and
+                combines: the kernels number calls on the device). Rows past the received count are
                 padding: ``recv_topk_idx`` -1, ``recv_topk_weights`` 0, ``recv_x`` unspecified;
                 the per-expert list is empty and the handle's ``rank_prefix_matrix`` and
                 ``num_tokens_per_rank`` are None. More rows than this is an error, raised (and
