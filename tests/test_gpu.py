@@ -190,19 +190,18 @@ def test_gpu_worst_case_too_short_raises(group):
 
 
 @pytest.mark.parametrize("ranks", RANKS)
-def test_gpu_cuda_graph_replays(group, ranks, monkeypatch):
+def test_gpu_cuda_graph_replays(group, ranks):
     """A worst-case dispatch and a combine captured in one CUDA graph: the kernels number each
     replay's calls on the device, so every replay, with a new payload copied into the captured
     input, gives that payload's results; eager calls after the replays still pair up with the
-    peers'. (Outputs are not poisoned here: a synchronous memset cannot be captured; every
-    replay's new payload shows any output not rewritten.)"""
+    peers'. The captured outputs are poisoned before every replay (the capture itself takes
+    no poisoning)."""
     import torch
 
     import xmoe
     import xmoe.interop
     from xmoe import reference
 
-    monkeypatch.setattr(xmoe.interop, "_poison", lambda: False)
     to_device, to_host = torch_io()
     me, num_experts = group.rank, 16
     routing = make_routing(31, ranks, 200, 256, num_experts, 4, BFLOAT16)
@@ -226,6 +225,9 @@ def test_gpu_cuda_graph_replays(group, ranks, monkeypatch):
     for replay in range(4):
         payloads = [(p.astype(np.float32) * (replay + 2) - replay).astype(BFLOAT16) for p in routing.x]
         x.copy_(to_device(payloads[me]))
+        for output in (recv_x, recv_idx, combined, combined_w):
+            output.view(torch.uint8).fill_(xmoe.interop.POISON_BYTE)
+        torch.cuda.synchronize()
         group.barrier()
         graph.replay()
         torch.cuda.synchronize()
@@ -233,6 +235,7 @@ def test_gpu_cuda_graph_replays(group, ranks, monkeypatch):
         rows = len(want[me]["recv_src_idx"])
         np.testing.assert_array_equal(to_host(recv_x)[:rows].view(np.uint16), want[me]["recv_x"].view(np.uint16))
         np.testing.assert_array_equal(to_host(recv_idx)[:rows], want[me]["recv_topk_idx"])
+        assert (to_host(recv_idx)[rows:] == -1).all()
         want_x, want_w = reference.combine([w["recv_x"] for w in want], in_ranks,
                                            [w["recv_topk_weights"] for w in want])[me]
         np.testing.assert_array_equal(to_host(combined).view(np.uint16), want_x.view(np.uint16))
@@ -240,4 +243,8 @@ def test_gpu_cuda_graph_replays(group, ranks, monkeypatch):
     eager_recv_x = layer()[0]  # eager again: the device's call count went on with the replays
     torch.cuda.synchronize()
     np.testing.assert_array_equal(to_host(eager_recv_x)[:rows].view(np.uint16), want[me]["recv_x"].view(np.uint16))
+    counted = {name: value for name, value in args.items() if name != "num_worst_tokens"}
+    with pytest.raises(ValueError, match="num_worst_tokens"):  # it would wait for counts a capture never makes
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            buffer.dispatch(x, **counted)
     buffer.destroy()

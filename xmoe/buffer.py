@@ -423,6 +423,9 @@ class Buffer:
         in_rank, expert_counts, idx, weights = self._routing(num_tokens, num_tokens_per_rank, is_token_in_rank,
                                                              num_tokens_per_expert, topk_idx, topk_weights,
                                                              expert_alignment, num_worst_tokens, config)
+        if not num_worst_tokens and plan.capturing():
+            raise ValueError("num_worst_tokens: required to capture a dispatch in a CUDA graph (without it the "
+                             "host waits for the receive counts, which a capture never produces)")
         ranks = self.num_ranks
         num_local_experts = expert_counts.shape[0] // ranks
         row_bytes = payload.shape[1] * payload.itemsize

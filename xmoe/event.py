@@ -109,6 +109,12 @@ class StreamPlan:
         else:
             self.stream.wait_event(compute.record())
 
+    def capturing(self) -> bool:
+        """Whether the call's stream is being captured into a CUDA graph."""
+        import cupy
+
+        return cupy.cuda.runtime.streamIsCapturing(self.pointer) != 0  # cudaStreamCaptureStatusNone
+
     def synchronize(self) -> None:
         start = time.perf_counter()
         (self.stream or current_stream(self.framework)).synchronize()
@@ -124,6 +130,9 @@ class HostPlan:
     """The simulator's :class:`StreamPlan`: kernels finish before launch returns."""
 
     pointer = 0
+
+    def capturing(self) -> bool:
+        return False
 
     def synchronize(self) -> None:
         pass

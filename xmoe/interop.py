@@ -355,7 +355,7 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat1
     For CUDA PyTorch callers the memory comes from PyTorch's allocator, so the result is
     a plain tensor with no conversion afterwards; ``bfloat16``: ``dtype`` is uint16 bits;
     ``raw``: the kernels get a :class:`DeviceArray` of it, not a CuPy array.
-    Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`).
+    Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`), except while a CUDA graph is captured.
     """
     if origin.framework == "torch" and on_gpu():
         import torch
@@ -363,6 +363,8 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat1
         dtype = np.dtype(dtype)
         torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[dtype]
         tensor = torch.empty(shape, dtype=torch_dtype, device=_current_cuda())
-        return poisoned(_raw_view(tensor, dtype) if raw else _cupy_view(tensor, dtype)), lambda: tensor
+        array = _raw_view(tensor, dtype) if raw else _cupy_view(tensor, dtype)
+        # a CUDA graph capture takes no synchronous memset (and would poison only once)
+        return (array if torch.cuda.is_current_stream_capturing() else poisoned(array)), lambda: tensor
     array = poisoned(xp().empty(shape, dtype))
     return array, lambda: to_origin(array, origin, bfloat16)
