@@ -36,7 +36,7 @@ from xmoe.interop import (
 )
 from xmoe.kernels.combine import prepare_combine
 from xmoe.kernels.dispatch import RECEIVE, SEND, prepare_dispatch, prepare_notify
-from xmoe.kernels.launch import Prepared, static_arg
+from xmoe.kernels.launch import Prepared
 from xmoe.layout.dispatch import MAX_LOCAL_EXPERTS, check_threads, launch_dispatch_layout
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, size_hint, symmetric_layout
 
@@ -170,7 +170,7 @@ class Buffer:
         # where each peer's block lies from this rank's (same-GPU or NVLink peers, mapped here)
         base = data_pointer(self._block.local)
         offsets = np.array([data_pointer(peer) - base for peer in self._block.peers], np.int64)
-        self._peer_offsets = static_arg(kernel_view(xp().asarray(offsets)))
+        self._peer_offsets = kernel_view(xp().asarray(offsets))
         self._seq = 0
         # what config=None means, resolved once: reading the environment costs a few us a call
         self._default_config = Config().resolved(group.backend)
@@ -230,14 +230,14 @@ class Buffer:
 
     def _fields(self, layout: SymmetricLayout, parity: int, word: np.dtype) -> dict[str, Any]:
         """This rank's views of the fields of half ``parity``, the payload also as ``word``-sized
-        integers (``x_words``), packed once for the kernels (which reach a peer's field through
+        integers (``x_words``), as the kernels take them (they reach a peer's field through
         :attr:`_peer_offsets`)."""
         key = (id(layout), parity, word.itemsize)
         fields = self._views.get(key)
         if fields is None:
             views = layout.views(self._block.local, parity)
             views["x_words"] = views["x"].view(word)
-            fields = self._views[key] = {name: static_arg(view) for name, view in views.items()}
+            fields = self._views[key] = {name: kernel_view(view) for name, view in views.items()}
         return fields
 
     def _plan(self, framework: str, previous_event: EventOverlap | None, async_finish: bool) -> StreamPlan | HostPlan:
@@ -253,8 +253,8 @@ class Buffer:
     def _halves_of(self, layout: SymmetricLayout, word: np.dtype, names: tuple[str, ...],
                    field_word: np.dtype | None = None) -> Any:
         """For each parity half: this rank's view of every field in ``names`` (payloads as
-        ``word``-sized integers), then, with ``field_word``, its payload field as those words;
-        packed once. A kernel picks the half of its call on the device
+        ``word``-sized integers), then, with ``field_word``, its payload field as those words.
+        A kernel picks the half of its call on the device
         (see :func:`xmoe.comm.device.call_number`)."""
         key = (id(layout), word.itemsize, names, field_word)
         halves = self._halves.get(key)
@@ -266,7 +266,7 @@ class Buffer:
                 if field_word is not None:
                     views.append(self._fields(layout, parity, field_word)["x_words"])
                 parts.append(tuple(views))
-            halves = self._halves[key] = static_arg(tuple(parts))
+            halves = self._halves[key] = tuple(parts)
         return halves
 
     def _next_call(self, what: str, config: Config) -> int:

@@ -11,9 +11,8 @@ by Numba's dispatcher once per argument signature (or loaded from its disk cache
 launch packs the arguments straight into Numba's kernel ABI (an array is meminfo,
 parent, size, itemsize, data pointer, shape, strides, all 8-byte; a tuple is its
 elements in order) as bytes into one parameter buffer and calls the driver's
-``cuLaunchKernel`` through ctypes. Arguments that never change (this rank's views of a
-symmetric buffer, the peers' offsets) are packed once, as a :class:`StaticArg`; a :class:`Prepared` launch
-packs everything once and repacks only the arguments that change.
+``cuLaunchKernel`` through ctypes. A :class:`Prepared` launch packs everything once and
+repacks only the arguments that change.
 """
 
 from __future__ import annotations
@@ -39,8 +38,6 @@ else:
 
 def kernel_arg(value: Any) -> Any:
     """``value`` as Numba's dispatcher takes it: arrays by reference, tuples element-wise."""
-    if isinstance(value, StaticArg):
-        return value.converted
     if isinstance(value, tuple):
         return tuple(kernel_arg(v) for v in value)
     if SIMULATOR:
@@ -61,9 +58,6 @@ def _pack(value: Any, parts: list) -> Any:
     Arrays reach the kernels C-contiguous (``as_array`` and fresh outputs), so their layout
     is not part of it."""
     kind = type(value)
-    if kind is StaticArg:
-        parts.append(value.packed)
-        return value.signature
     if kind is int or isinstance(value, np.integer):
         parts.append(_INT.pack(value))
         return "i"
@@ -78,28 +72,6 @@ def _abi(array: Any) -> tuple[int, ...]:
     if type(array) is DeviceArray:
         return array.abi()
     return (0, 0, array.size, array.itemsize, array.data.ptr, *array.shape, *array.strides)
-
-
-#: Signatures of static arguments, each stood for by a small int: a launch hashes its
-#: signature tuple every call.
-_STATIC_SIGNATURES: dict[Any, int] = {}
-
-
-class StaticArg:
-    """An argument packed once (GPU) for every launch that passes it (e.g. a view of the symmetric buffer)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        self.converted = kernel_arg(value)
-        parts: list = []
-        self.signature = None if SIMULATOR else _STATIC_SIGNATURES.setdefault(_pack(value, parts),
-                                                                               len(_STATIC_SIGNATURES))
-        self.packed = b"".join(parts)
-
-
-def static_arg(value: Any) -> Any:
-    """``value`` packed once where that saves work (GPU); as is on the simulator."""
-    return value if SIMULATOR else StaticArg(value)
 
 
 def _ranks_on_device() -> int:
