@@ -113,7 +113,7 @@ class StreamPlan:
         """Whether the call's stream is being captured into a CUDA graph."""
         import cupy
 
-        return cupy.cuda.runtime.streamIsCapturing(self.pointer) != 0  # cudaStreamCaptureStatusNone
+        return cupy.cuda.runtime.streamIsCapturing(self.pointer) != 0  # 0: cudaStreamCaptureStatusNone
 
     def synchronize(self) -> None:
         start = time.perf_counter()
