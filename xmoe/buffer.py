@@ -181,7 +181,6 @@ class Buffer:
         self._status = HostWords(STATUS_INFO + self.num_ranks * self.num_ranks + MAX_LOCAL_EXPERTS)
         self._failure: str | None = None
         self._last_call = ("dispatch", 0.0)  # what a late error report names: the call and its timeout
-        self._views: dict[tuple[int, int, int], dict[str, Any]] = {}
         self._halves: dict[tuple, Any] = {}
         self._launches: dict[tuple, Prepared] = {}  # the non-cached dispatch's prepared launches
         self._comm_stream = None
@@ -232,13 +231,9 @@ class Buffer:
         """This rank's views of the fields of half ``parity``, the payload also as ``word``-sized
         integers (``x_words``), as the kernels take them (they reach a peer's field through
         :attr:`_peer_offsets`)."""
-        key = (id(layout), parity, word.itemsize)
-        fields = self._views.get(key)
-        if fields is None:
-            views = layout.views(self._block.local, parity)
-            views["x_words"] = views["x"].view(word)
-            fields = self._views[key] = {name: kernel_view(view) for name, view in views.items()}
-        return fields
+        views = layout.views(self._block.local, parity)
+        views["x_words"] = views["x"].view(word)
+        return {name: kernel_view(view) for name, view in views.items()}
 
     def _plan(self, framework: str, previous_event: EventOverlap | None, async_finish: bool) -> StreamPlan | HostPlan:
         check_previous_event(previous_event)
@@ -681,7 +676,6 @@ class Buffer:
     def destroy(self) -> None:
         """Free the symmetric block (collective: every rank calls it)."""
         if self._block is not None:
-            self._views.clear()
             self._halves.clear()
             self._block.free()
             self._block = None

@@ -162,16 +162,21 @@ def _compile(kernel: Any, args: tuple, num_bytes: int) -> _Compiled:
     return _Compiled(handle.value if isinstance(handle, ctypes.c_void_p) else int(handle), num_bytes)
 
 
-def _packed(kernel: Any, blocks: int, threads: int, args: tuple, spins: bool) -> tuple[_Compiled, int, list]:
-    """The compiled kernel for ``args``' signature, the grid to launch, and ``args`` packed (parts)."""
-    parts: list = []
-    signature_key = (kernel, tuple([_pack(arg, parts) for arg in args]))
+def _packed(kernel: Any, blocks: int, threads: int, args: tuple, spins: bool) -> tuple[_Compiled, int, list[bytes]]:
+    """The compiled kernel for ``args``' signature, the grid to launch, and each of ``args`` packed."""
+    packed: list[bytes] = []
+    signature = []
+    for arg in args:
+        parts: list = []
+        signature.append(_pack(arg, parts))
+        packed.append(b"".join(parts))
+    signature_key = (kernel, tuple(signature))
     compiled = _compiled.get(signature_key)
     if compiled is None:
-        compiled = _compiled[signature_key] = _compile(kernel, args, sum(len(part) for part in parts))
+        compiled = _compiled[signature_key] = _compile(kernel, args, sum(len(arg) for arg in packed))
     if spins:
         blocks = min(blocks, compiled.spinning_blocks(threads))
-    return compiled, blocks, parts
+    return compiled, blocks, packed
 
 
 def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0, spins: bool = False) -> None:
@@ -185,8 +190,8 @@ def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0, 
     if SIMULATOR:
         kernel[blocks, threads](*(kernel_arg(a) for a in args))
         return
-    compiled, blocks, parts = _packed(kernel, blocks, threads, args, spins)
-    compiled.launch_packed(blocks, threads, stream, b"".join(parts))
+    compiled, blocks, packed = _packed(kernel, blocks, threads, args, spins)
+    compiled.launch_packed(blocks, threads, stream, b"".join(packed))
 
 
 class Prepared:
@@ -206,15 +211,14 @@ class Prepared:
         if SIMULATOR:
             self.args = args
             return
-        compiled, self.blocks, _ = _packed(kernel, self.blocks, self.threads, args, spins)
+        compiled, self.blocks, packed = _packed(kernel, self.blocks, self.threads, args, spins)
         self.slots: list[tuple[int, Any]] = []  # byte offset, how to pack (an array's struct; None: an int)
-        packed: list = []
-        for position, arg in enumerate(args):
-            offset = sum(len(part) for part in packed)
-            _pack(arg, packed)
+        offset = 0
+        for position, (arg, arg_bytes) in enumerate(zip(args, packed)):
             if position in changing:
                 is_int = type(arg) is int or isinstance(arg, np.integer)
                 self.slots.append((offset, None if is_int else _ARRAY[len(arg.shape)]))
+            offset += len(arg_bytes)
         self.handle = compiled.handle
         self.parameters = _Parameters(compiled.num_bytes)
         ctypes.memmove(self.parameters.values_address, b"".join(packed), compiled.num_bytes)
