@@ -41,7 +41,9 @@ def test_mpi_group_and_heap_peer_views(group):
     assert group.world_size == 4 and group.launcher == "mpi" and group.local_world_size == 4
     heap = get_heap(group)
     array = heap.alloc(4 * 64)
-    assert not array.local.any()
+    zeroed = not array.local.any()
+    heap.barrier()  # before any rank writes into its peers, every rank has looked at its own block
+    assert zeroed
     rng = np.random.default_rng(group.rank)
     mine = rng.integers(1, 255, 64, dtype=np.uint8)
     for peer in range(4):  # each rank writes its row of every peer's block
