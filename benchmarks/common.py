@@ -71,25 +71,36 @@ def write_results(benchmark: str, device: str, mode: str, rows: list[dict[str, A
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    """One panel per metric: xmoe against the baseline, by case."""
+    """One panel per metric and baseline: xmoe against the baseline, by case, each xmoe bar
+    labelled with its ratio to the baseline (>1 is better for xmoe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({row["metric"] for row in record["rows"]})
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(10, 3.2 * len(metrics)), squeeze=False)
-    for ax, metric in zip(axes[:, 0], metrics):
-        rows = [row for row in record["rows"] if row["metric"] == metric]
-        cases = [row["case"] for row in rows]
+    panels = sorted({(row["metric"], row["baseline_name"] or "") for row in record["rows"]})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False,
+                             constrained_layout=True)  # room for the suptitle, which tight_layout overlaps
+    for ax, (metric, baseline_name) in zip(axes[:, 0], panels):
+        rows = [row for row in record["rows"]
+                if row["metric"] == metric and (row["baseline_name"] or "") == baseline_name]
         positions = range(len(rows))
-        ax.bar([p - 0.2 for p in positions], [row["xmoe"] for row in rows], 0.4, label="xmoe")
-        ax.bar([p + 0.2 for p in positions], [row["baseline"] or 0 for row in rows], 0.4,
-               label=rows[0]["baseline_name"] or "baseline")
-        ax.set_xticks(list(positions), cases, rotation=20, ha="right", fontsize=7)
-        ax.set_ylabel(f"{metric} ({rows[0]['unit']})")
+        bars = ax.bar([p - 0.2 for p in positions], [row["xmoe"] for row in rows], 0.4, label="xmoe")
+        if baseline_name:
+            ax.bar([p + 0.2 for p in positions], [row["baseline"] or 0 for row in rows], 0.4, label=baseline_name)
+            ax.bar_label(bars, [f"{ratio(row):.2f}x" if ratio(row) is not None else "" for row in rows], fontsize=6)
+        ax.set_xticks(list(positions), [row["case"] for row in rows], rotation=20, ha="right", fontsize=7)
+        ax.set_title(f"{metric}" + (f", against {baseline_name}" if baseline_name else ""), fontsize=9)
+        ax.set_ylabel(rows[0]["unit"])
         ax.legend(fontsize=7)
     fig.suptitle(f"{record['benchmark']}: {record['device']}, {record['mode']}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def ratio(row: dict[str, Any]) -> float | None:
+    """How many times better xmoe is than the row's baseline (None without one)."""
+    mine, base = row["xmoe"], row["baseline"]
+    if not mine or not base:
+        return None
+    return mine / base if row["higher_is_better"] else base / mine

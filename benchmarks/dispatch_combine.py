@@ -10,13 +10,18 @@ for its receive counts); a call's time is that of the slowest rank. Bandwidth co
 the bytes that cross ranks (rows sent to another rank: payload, top-k ids and weights),
 read plus written, as a copy of them moves them: ``2 * bytes / time``. The baseline moves
 the same bytes in the same run: with one GPU a device-to-device copy by one process, with
-one GPU per PE ``torch.distributed.all_to_all_single`` over NCCL. Host overhead is the
-median wall time of a call minus the time it spent blocked on the GPU, for a call queued
-behind another ("host us") and for one that finds the GPU idle ("idle us"). "dispatch
-(worst)" dispatches into outputs of ``ranks x tokens`` rows (``num_worst_tokens``): the
-host never waits for the received count. "graph: ..." replays a dispatch (worst) and a
-combine captured in one CUDA graph (its time and bandwidth count both calls; its host time
-is that of ``replay()``).
+one GPU per PE ``torch.distributed.all_to_all_single`` over NCCL. On one GPU a row a rank
+keeps costs the same memory traffic as a row it sends, so that copy is out of reach there
+(``NOTES.md``); one GPU also gets a second baseline, "copy of routed rows": every PE at
+once copies all the rows it sends, its own included (the true entries of
+``is_token_in_rank``), timed as above (slowest rank), and its rows count those bytes for
+xmoe too (metric "aggregate bandwidth, all routed rows"; "time" against either baseline).
+Host overhead is the median wall time of a call minus the time it spent blocked on the
+GPU, for a call queued behind another ("host us") and for one that finds the GPU idle
+("idle us"). "dispatch (worst)" dispatches into outputs of ``ranks x tokens`` rows
+(``num_worst_tokens``): the host never waits for the received count. "graph: ..." replays
+a dispatch (worst) and a combine captured in one CUDA graph (its time and bandwidth count
+both calls, against twice the baselines; its host time is that of ``replay()``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ def host_overhead_us(fn, iterations: int, queued: bool) -> float:
 
 #: The case that replays a dispatch (worst) and a combine captured in one CUDA graph.
 GRAPH = "graph: dispatch (worst)+combine"
+#: The second baseline on one GPU: a device copy of every row a rank routes, its own included.
+ROUTED_COPY = "copy of routed rows"
 
 
 def captured(fn):
@@ -158,10 +165,12 @@ def main() -> None:
         mine = {name: median_ms(fn, args.iters, batch=args.batch) for name, fn in calls.items()}
         host = {name: (host_overhead_us(fn, args.iters, queued=True), host_overhead_us(fn, args.iters, queued=False))
                 for name, fn in calls.items()}
-        sent = per_rank.cpu().numpy()
+        sent = per_rank.cpu().numpy()  # sent[r]: tokens with is_token_in_rank[:, r]
         crossing = int(sent.sum() - sent[me]) * row_bytes
-        gathered = group.allgather((mine, host, crossing))
+        routed = int(sent.sum()) * row_bytes  # every (token, destination) pair, this rank included
+        gathered = group.allgather((mine, host, crossing, routed))
         total_bytes = sum(g[2] for g in gathered)
+        routed_bytes = sum(g[3] for g in gathered)
         slowest = {name: max(g[0][name] for g in gathered) for name in mine}
         host_us = {name: [float(np.median([g[1][name][i] for g in gathered])) for i in (0, 1)] for name in host}
 
@@ -183,6 +192,13 @@ def main() -> None:
             baseline_ms = group.broadcast(baseline_ms)
             baseline_name = "device copy (read+write)"
         group.barrier()
+        routed_ms = None
+        if nccl is None:  # one GPU: every PE copies all the rows it routes, all PEs at once
+            source = torch.empty(routed, dtype=torch.uint8, device="cuda")
+            target = torch.empty_like(source)
+            group.barrier()
+            routed_ms = max(group.allgather(median_ms(lambda: target.copy_(source), args.iters, batch=args.batch)))
+            group.barrier()  # no PE's next (spinning) kernels start while another still copies
 
         baseline_gbs = 2 * total_bytes / baseline_ms / 1e6
         for name in mine:
@@ -195,19 +211,35 @@ def main() -> None:
             rows.append({"case": case, "metric": "time", "unit": "us", "higher_is_better": False,
                          "xmoe": round(slowest[name] * 1e3, 1), "baseline": round(base_ms * 1e3, 1),
                          "baseline_name": baseline_name})
+            routed_us = None
+            if routed_ms is not None:
+                routed_us = moved * routed_ms * 1e3
+                rows.append({"case": case, "metric": "aggregate bandwidth, all routed rows", "unit": "GB/s",
+                             "higher_is_better": True,
+                             "xmoe": round(2 * moved * routed_bytes / slowest[name] / 1e6, 1),
+                             "baseline": round(2 * routed_bytes / routed_ms / 1e6, 1),
+                             "baseline_name": ROUTED_COPY})
+                rows.append({"case": case, "metric": "time", "unit": "us", "higher_is_better": False,
+                             "xmoe": round(slowest[name] * 1e3, 1), "baseline": round(routed_us, 1),
+                             "baseline_name": ROUTED_COPY})
             for metric, value in zip(("host overhead", "host overhead, idle GPU"), host_us[name]):
                 rows.append({"case": case, "metric": metric, "unit": "us", "higher_is_better": False,
                              "xmoe": round(value, 1), "baseline": None, "baseline_name": None})
-            table.append((case, slowest[name] * 1e3, gbs, baseline_gbs, gbs / baseline_gbs, *host_us[name]))
+            table.append((case, slowest[name] * 1e3, gbs, baseline_gbs, base_ms / slowest[name], routed_us,
+                          *host_us[name]))
 
     if me == 0:
         mode = f"{num_gpus}gpu-{ranks}pe" + ("-mps" if mps_running() else "")
         print(f"dispatch/combine: {device_name(num_gpus)}, {mode}, hidden {args.hidden}, top-{args.topk} of "
               f"{args.experts} experts, bf16; start-up {start_up_s:.2f} s (NVSHMEM init {nvshmem_init_s:.2f} s, "
               f"first round trip {first_call_s:.2f} s)")
-        print(f"{'case':<44} {'time us':>9} {'GB/s':>8} {'baseline':>9} {'ratio':>6} {'host us':>8} {'idle us':>8}")
-        for case, t_us, gbs, base, ratio, host, idle in table:
-            print(f"{case:<44} {t_us:>9.1f} {gbs:>8.1f} {base:>9.1f} {ratio:>6.2f} {host:>8.1f} {idle:>8.1f}")
+        print(f"baseline: {baseline_name}; routed us: {ROUTED_COPY} (one GPU only); ratio: that baseline's "
+              f"time / xmoe's")
+        print(f"{'case':<44} {'time us':>9} {'GB/s':>8} {'baseline':>9} {'ratio':>6} {'routed us':>9} {'ratio':>6} "
+              f"{'host us':>8} {'idle us':>8}")
+        for case, t_us, gbs, base, ratio, routed_us, host, idle in table:
+            second = f"{routed_us:>9.1f} {routed_us / t_us:>6.2f}" if routed_us is not None else f"{'-':>9} {'-':>6}"
+            print(f"{case:<44} {t_us:>9.1f} {gbs:>8.1f} {base:>9.1f} {ratio:>6.2f} {second} {host:>8.1f} {idle:>8.1f}")
         path = write_results("dispatch_combine", device_name(num_gpus), mode, rows, args.out,
                              {"batch": args.batch, "start_up_s": round(start_up_s, 3),
                               "nvshmem_init_s": round(nvshmem_init_s, 3),

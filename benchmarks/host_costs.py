@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import cProfile
 import pstats
 import time
@@ -20,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-STEPS = ("new_output", "as_array", "_as_words", "_empty")
+#: Module-level functions of the call path timed step by step: (module, name).
+STEPS = (("xmoe.buffer", "as_array"), ("xmoe.ep.normal", "new_output"), ("xmoe.ep.normal", "as_words"))
 
 
 def timed_steps(steps: list[tuple[Any, str]]) -> dict[str, list[float]]:
@@ -91,8 +93,8 @@ def main() -> None:
     for fn in calls.values():
         fn()
     # Prepared.__call__: a kernel launch (every launch of a dispatch or combine is prepared)
-    steps = timed_steps([(buffer_module, name) for name in STEPS] + [(launch_module.Prepared, "__call__"),
-                                                                      (buffer_module.Buffer, "_routing")])
+    steps = timed_steps([(importlib.import_module(module), name) for module, name in STEPS]
+                        + [(launch_module.Prepared, "__call__"), (buffer_module.Buffer, "_routing")])
     host: dict[str, list[float]] = collections.defaultdict(list)
     profiler = cProfile.Profile()
     if args.profile:
@@ -114,11 +116,11 @@ def main() -> None:
 
     tensor = torch.zeros(4, device="cuda")
     array, _ = as_array(tensor, "a", raw=True)
-    launch_module.launch(empty_kernel, 1, 32, array, 1)
+    launch_module.launch(empty_kernel, 1, 32, a=array, n=1)
     device = torch.device("cuda")
     single = {
         "launch of an empty Numba kernel (pack + cuLaunchKernel)": lambda: launch_module.launch(empty_kernel, 1, 32,
-                                                                                                array, 1),
+                                                                                                a=array, n=1),
         "torch.empty [tokens, 7168] bf16": lambda: torch.empty((args.tokens, 7168), dtype=torch.bfloat16,
                                                               device=device),
         "cupy.empty [tokens, 7168] uint16": lambda: cupy.empty((args.tokens, 7168), cupy.uint16),
@@ -133,7 +135,7 @@ def main() -> None:
         print("steps (median us per call of the step, calls per round of the three calls):")
         for name, values in sorted(steps.items(), key=lambda item: -np.median(item[1])):
             print(f"  {name:<26} {np.median(values) * 1e6:8.1f} us  x{len(values) / args.calls:.0f}")
-        launches = {key[0]: prepared.blocks for key, prepared in {**buffer._launches, **handle.launches}.items()}
+        launches = {key[:2]: prepared.blocks for key, prepared in buffer._normal._launches.items()}
         print("grid of each launch (blocks):", launches)
         print("single operations:")
         for name, value in single_us.items():

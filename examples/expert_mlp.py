@@ -15,7 +15,7 @@ import numpy as np
 
 import xmoe
 from xmoe.interop import BFLOAT16
-from xmoe.testing.checks import backend_io
+from xmoe.demo import backend_io
 
 
 def dense_reference(x, w_router, w1, w2, num_topk):

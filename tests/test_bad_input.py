@@ -88,7 +88,7 @@ def test_capacity_too_small(group, inputs):
     import xmoe
 
     small = xmoe.Buffer(group, 1024)
-    with pytest.raises(ValueError, match=r"num_nvl_bytes=1024 is too small .* needs 2304 bytes \(Buffer.get_nvl_size_hint\)"):
+    with pytest.raises(ValueError, match=r"num_nvl_bytes=1024 is too small .* needs 10496 bytes \(Buffer.get_nvl_size_hint\)"):
         small.dispatch(**inputs)
     small.destroy()
 
@@ -138,11 +138,33 @@ def test_destroyed_buffer(group, inputs):
 
 
 def test_use_before_init_raises():
+    """Creating a Buffer needs xmoe.init(); the class, its help and its static size hint do not."""
     code = ("import xmoe\n"
-            "for call in (lambda: xmoe.Buffer, xmoe.get_group):\n"
-            "    try:\n        call()\n    except RuntimeError as e:\n        print('RuntimeError:', e)\n")
+            "for call in (lambda: xmoe.Buffer(None, 1 << 20), xmoe.get_group):\n"
+            "    try:\n        call()\n    except RuntimeError as e:\n        print('RuntimeError:', e)\n"
+            "help(xmoe.Buffer)\n"
+            "print('hint', xmoe.Buffer.get_nvl_size_hint(16, 32, 2, 8, 2))\n"
+            "print('listed', 'Buffer' in dir(xmoe), 'DispatchHandle' in dir(xmoe))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.count("RuntimeError: xmoe is not initialised: call xmoe.init() first") == 2
+    assert "get_dispatch_layout(self, topk_idx" in out and "listed True True" in out
+    assert int(out.split("hint ")[1].split()[0]) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(num_max_tokens=-5), "num_max_tokens=-5: must be an int >= 0"),
+    (dict(hidden=0), "hidden=0: must be an int >= 1"),
+    (dict(num_ranks=0), "num_ranks=0: must be an int >= 1"),
+    (dict(num_experts=7), "num_experts=7 is not divisible by num_ranks=2"),
+    (dict(num_topk=-1), "num_topk=-1: must be an int >= 0"),
+    (dict(dtype=np.float64), "dtype=float64: expected float32 or bfloat16"),
+])
+def test_size_hint_rejects_bad_arguments(args, message):
+    import xmoe
+
+    call = dict(num_max_tokens=16, hidden=32, num_ranks=2, num_experts=8, num_topk=2) | args
+    with pytest.raises(ValueError, match=message):
+        xmoe.Buffer.get_nvl_size_hint(**call)
 
 
 @pytest.mark.mpi(ranks=2)
@@ -173,3 +195,56 @@ def test_heap_sizes_must_match_on_every_rank(group):
 
     with pytest.raises(ValueError, match=r"nbytes differ across ranks \[64, 128\]"):
         get_heap(group).alloc(64 * (group.rank + 1))
+
+
+def _retired(buffer):
+    """The Buffer refuses every later call after a failure."""
+    with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
+        buffer.get_dispatch_layout(np.zeros((1, TOPK), np.int64), EXPERTS)
+
+
+@pytest.mark.parametrize("change", ["a routed token in no rank", "per rank + 3"])
+def test_dispatch_checks_layout_against_topk(buffer, inputs, change):
+    """Layout arguments that disagree with topk_idx are caught by the kernel, not sent silently."""
+    if change == "a routed token in no rank":
+        in_rank = inputs["is_token_in_rank"].copy()
+        token = int(np.flatnonzero(in_rank.any(axis=1))[0])
+        in_rank[token, :] = False
+        args = dispatch_args(inputs, is_token_in_rank=in_rank,
+                             num_tokens_per_rank=in_rank.sum(axis=0, dtype=np.int32))
+        message = rf"is_token_in_rank\[{token}, 0\] disagrees with topk_idx\[{token}\]"
+    else:
+        args = dispatch_args(inputs, num_tokens_per_rank=inputs["num_tokens_per_rank"] + 3)
+        message = r"num_tokens_per_rank\[0\] is not the number of tokens is_token_in_rank sends to rank 0"
+    with pytest.raises(RuntimeError, match=message):
+        buffer.dispatch(**args)
+    _retired(buffer)
+
+
+def test_layout_rejects_an_expert_named_twice(buffer):
+    idx = np.array([[0, 1], [2, 2], [3, -1]], np.int64)
+    with pytest.raises(ValueError, match=r"topk_idx\[1\] names one expert twice"):
+        buffer.get_dispatch_layout(idx, EXPERTS)
+    buffer.get_dispatch_layout(idx[[0, 2]], EXPERTS)  # an argument error: the Buffer stays usable
+
+
+def test_async_layout_error_raised_by_the_next_call(buffer):
+    """With async_finish nothing waits for the layout kernel: its error retires the Buffer at
+    the next call."""
+    buffer.get_dispatch_layout(np.array([[0, 7]], np.int64), EXPERTS, async_finish=True)
+    with pytest.raises(RuntimeError, match=r"topk_idx: entry 1 \(flat index t \* k \+ j\)"):
+        buffer.get_dispatch_layout(np.array([[0, 1]], np.int64), EXPERTS)
+
+
+@pytest.mark.parametrize("columns", [1, TOPK + 3])
+def test_combine_weights_must_have_the_dispatch_topk(buffer, inputs, columns):
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(**inputs)
+    weights = np.ones((recv_x.shape[0], columns), np.float32)
+    with pytest.raises(ValueError, match=rf"topk_weights: expected shape \[{recv_x.shape[0]}, {TOPK}\]"):
+        buffer.combine(recv_x, handle, topk_weights=weights)
+
+
+def test_topk_rows_named_against_x(buffer, inputs):
+    with pytest.raises(ValueError, match=rf"topk_idx: expected shape \[{TOKENS}, \*\], got \[{TOKENS - 1}, {TOPK}\] "
+                                         rf"\(x's {TOKENS} tokens\)"):
+        buffer.dispatch(**dispatch_args(inputs, topk_idx=inputs["topk_idx"][1:]))

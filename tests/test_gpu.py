@@ -118,29 +118,148 @@ def test_gpu_combine_missing_rank_raises_at_next_call(group):
     buffer.destroy()
 
 
+#: Clock cycles ``torch.cuda._sleep`` spins before a payload gets its final values: about 0.5 s
+#: at the 2 GHz of an H100/H200, far longer than the host takes to queue the call under test.
+SLEEP_CYCLES = 1_000_000_000
+
+
+def _caller_stream_event():
+    """An :class:`xmoe.EventOverlap` marking the work queued so far on PyTorch's current stream:
+    a CuPy event recorded on that stream (what a DeepEP user passes as ``previous_event``)."""
+    import cupy
+    import torch
+
+    import xmoe
+
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    return xmoe.EventOverlap(stream.record(), "torch")
+
+
+def _write_after_sleep(*pairs):
+    """Queue on PyTorch's current stream a kernel that spins :data:`SLEEP_CYCLES`, then the copy of
+    each ``(target, final)`` pair: until then the targets keep their stale values. Returns
+    ``(previous_event, slept)``: an :class:`xmoe.EventOverlap` after the copies, and a
+    ``torch.cuda.Event`` after the spin (not yet complete while the copies are still to come)."""
+    import torch
+
+    torch.cuda._sleep(SLEEP_CYCLES)
+    slept = torch.cuda.Event()
+    slept.record()
+    for target, final in pairs:
+        target.copy_(final)
+    return _caller_stream_event(), slept
+
+
 @pytest.mark.mpi(ranks=2)
 def test_gpu_async_finish_and_previous_event(group):
-    """async_finish runs on the Buffer's stream; the caller's stream waits on the returned events."""
+    """async_finish runs a call on the Buffer's stream after ``previous_event``; the caller's
+    stream waits on the returned event.
+
+    Each checked call reads an input that PyTorch's current stream (a side stream) writes only
+    after a ~0.5 s spin kernel (``torch.cuda._sleep``); a CuPy event recorded after that write
+    is the call's ``previous_event``, and until then the input holds stale values (zeros, or
+    -1 ids). The Buffer's stream is non-blocking: nothing but the ``previous_event`` wait
+    orders the call's kernels after that write. If that wait is broken (not made, or made on
+    a stream other than the one the kernels are launched on), the kernels run at once on the
+    stale input and the comparison with the reference fails: the cached dispatch receives
+    rows of zeros, the combine returns zeros, the layout counts no token, the non-cached
+    dispatch receives rows and top-k weights of zeros.
+
+    A cached dispatch and a combine do not wait on the host, so the test also asserts that
+    they returned while the spin was still running (else a wait on the host would hide a
+    broken GPU wait); the layout (which still synchronises) and the non-cached dispatch
+    (which waits on the host for its receive counts) are checked for their results only:
+    their kernels are queued before the host waits, so a broken wait still shows. The
+    outputs are read on the caller's stream after ``current_stream_wait()`` on the returned
+    event, so an event that marks less than the call's work shows as poisoned
+    (``XMOE_POISON``) or missing rows too.
+    """
+    import torch
+
     import xmoe
     from xmoe import reference
 
+    torch.cuda.set_device(group.device)
     to_device, to_host = torch_io()
-    routing = make_routing(21, 2, 300, 128, 16, 4, BFLOAT16)
-    me = group.rank
-    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(300, 128, 2, 16, 4))
-    idx, x, weights = (to_device(a[me]) for a in (routing.topk_idx, routing.x, routing.topk_weights))
-    per_rank, _, per_expert, in_rank, layout_event = buffer.get_dispatch_layout(idx, 16, async_finish=True)
-    recv_x, _, recv_w, _, handle, event = buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
-        topk_weights=weights, previous_event=layout_event, async_finish=True)
-    event.current_stream_wait()
-    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, 16)
-    np.testing.assert_array_equal(to_host(recv_x).view(np.uint16), want[me]["recv_x"].view(np.uint16))
-    combined, _, combine_event = buffer.combine(recv_x, handle, previous_event=event, async_finish=True)
-    combine_event.current_stream_wait()
-    in_ranks = [reference.dispatch_layout(i, 16, 2)[2] for i in routing.topk_idx]
-    want_x, _ = reference.combine([w["recv_x"] for w in want], in_ranks)[me]
-    np.testing.assert_array_equal(to_host(combined).view(np.uint16), want_x.view(np.uint16))
+    me, ranks, num_experts = group.rank, group.world_size, 16
+    routing = make_routing(21, ranks, 300, 128, num_experts, 4, BFLOAT16)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(300, 128, ranks, num_experts, 4))
+    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, num_experts)
+    in_ranks = [reference.dispatch_layout(i, num_experts, ranks)[2] for i in routing.topk_idx]
+    payloads2 = [(p.astype(np.float32) - 3).astype(BFLOAT16) for p in routing.x]
+    want2 = reference.dispatch(payloads2, routing.topk_idx, None, num_experts)
+    expert_out = [(w["recv_x"].astype(np.float32) * 1.5).astype(BFLOAT16) for w in want]
+    want_x, want_w = reference.combine(expert_out, in_ranks, [w["recv_topk_weights"] for w in want])[me]
+    want_per_rank, want_per_expert, want_in_rank = reference.dispatch_layout(routing.topk_idx[me], num_experts, ranks)
+    # every input's final values on the device before anything is queued behind a spin
+    # (an upload from pageable memory would wait for it on the host)
+    idx, x, weights, x2, out = (to_device(a) for a in (routing.topk_idx[me], routing.x[me], routing.topk_weights[me],
+                                                       payloads2[me], expert_out[me]))
+    idx_in, x_in, weights_in, out_in = idx.clone(), x.clone(), weights.clone(), out.clone()
+    torch.cuda.synchronize()
+
+    def checked(array, expected):  # payloads bit for bit, the rest by value
+        got = to_host(array)
+        if expected.dtype == BFLOAT16:
+            got, expected = got.view(np.uint16), expected.view(np.uint16)
+        np.testing.assert_array_equal(got, expected)
+
+    with torch.cuda.stream(torch.cuda.Stream()):  # a non-blocking stream, as PyTorch's streams are
+        # warm-up with the final inputs: compiles the kernels, makes the Buffer's stream, and
+        # prepares the handle's cached dispatch and combine, so the calls below only launch
+        per_rank, _, per_expert, in_rank, event = buffer.get_dispatch_layout(idx_in, num_experts, async_finish=True)
+        recv_x, _, recv_w, _, handle, event = buffer.dispatch(
+            x_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx_in, topk_weights=weights_in, previous_event=event, async_finish=True)
+        event = buffer.dispatch(x_in, handle=handle, previous_event=event, async_finish=True)[5]
+        event = buffer.combine(out_in, handle, topk_weights=recv_w, previous_event=event, async_finish=True)[2]
+        event.current_stream_wait()
+        torch.cuda.current_stream().synchronize()
+
+        # cached dispatch: x_in is zeros until the spin ends, then x2
+        x_in.zero_()
+        torch.cuda.current_stream().synchronize()
+        previous, slept = _write_after_sleep((x_in, x2))
+        recv_x2, _, _, _, _, event = buffer.dispatch(x_in, handle=handle, previous_event=previous, async_finish=True)
+        assert not slept.query(), "the cached dispatch waited on the host: this test cannot check its GPU wait"
+        event.current_stream_wait()
+        checked(recv_x2, want2[me]["recv_x"])
+
+        # combine: out_in is zeros until the spin ends, then the experts' outputs
+        out_in.zero_()
+        torch.cuda.current_stream().synchronize()
+        previous, slept = _write_after_sleep((out_in, out))
+        combined, combined_w, event = buffer.combine(out_in, handle, topk_weights=recv_w, previous_event=previous,
+                                                     async_finish=True)
+        assert not slept.query(), "the combine waited on the host: this test cannot check its GPU wait"
+        event.current_stream_wait()
+        checked(combined, want_x)
+        checked(combined_w, want_w)
+
+        # layout: idx_in is -1 everywhere (no token routed) until the spin ends
+        idx_in.fill_(-1)
+        torch.cuda.current_stream().synchronize()
+        previous, _ = _write_after_sleep((idx_in, idx))
+        per_rank, _, per_expert, in_rank, event = buffer.get_dispatch_layout(idx_in, num_experts, async_finish=True,
+                                                                             previous_event=previous)
+        event.current_stream_wait()
+        checked(per_rank, want_per_rank)
+        checked(per_expert, want_per_expert)
+        checked(in_rank, want_in_rank)
+
+        # non-cached dispatch: payload and top-k weights are zeros until the spin ends
+        x_in.zero_()
+        weights_in.zero_()
+        torch.cuda.current_stream().synchronize()
+        previous, _ = _write_after_sleep((x_in, x), (weights_in, weights))
+        recv_x, recv_idx, recv_w, _, _, event = buffer.dispatch(
+            x_in, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx_in, topk_weights=weights_in, previous_event=previous, async_finish=True)
+        event.current_stream_wait()
+        checked(recv_x, want[me]["recv_x"])
+        checked(recv_idx, want[me]["recv_topk_idx"])
+        checked(recv_w, want[me]["recv_topk_weights"])
+    torch.cuda.synchronize()
     buffer.destroy()
 
 
@@ -248,3 +367,36 @@ def test_gpu_cuda_graph_replays(group, ranks):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             buffer.dispatch(x, **counted)
     buffer.destroy()
+
+
+def test_gpu_packed_arguments_match_numba():
+    """xmoe packs kernel arguments itself (``kernels/launch.py``) in what it takes to be Numba's
+    kernel ABI: the bytes must equal what Numba's own dispatcher passes for the same
+    arguments (ints, C-contiguous and strided arrays of several ranks, nested tuples), so
+    that a numba-cuda upgrade that changes the ABI fails here instead of corrupting launches."""
+    import ctypes
+
+    import cupy
+    from numba import cuda
+
+    from xmoe.interop import DeviceArray
+    from xmoe.kernels.launch import kernel_arg, pack
+
+    @cuda.jit
+    def kernel(a, n, b, pair, c):
+        pass
+
+    block = cupy.zeros(4096, np.uint8)
+    strided = DeviceArray(block.data.ptr + 128, (3, 5, 4), np.dtype(np.int32), block, (1024, 16, 4))
+    args = (cupy.arange(12, dtype=np.float32).reshape(3, 4), 7, strided,
+            (cupy.zeros(5, np.int64), (3, DeviceArray(block.data.ptr, (8,), np.dtype(np.uint16), block))),
+            cupy.zeros((2, 3, 4), np.uint8)[:, 1:])
+    signature = tuple(kernel.typeof_pyval(kernel_arg(a)) for a in args)
+    compiled = kernel.compile(signature)
+    numba_args: list = []
+    for ty, value in zip(compiled.argument_types, args):
+        compiled._prepare_args(ty, kernel_arg(value), 0, [], numba_args)
+    numba_bytes = b"".join(value.to_bytes(8, "little", signed=True) if isinstance(value, int) else bytes(value)
+                           for value in numba_args)
+    assert all(isinstance(v, int) or ctypes.sizeof(v) == 8 for v in numba_args)
+    assert b"".join(pack(args)[1]) == numba_bytes

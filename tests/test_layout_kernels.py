@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from xmoe import reference
-from xmoe.layout.dispatch import launch_dispatch_layout, launch_send_slots
+from xmoe.comm.status import ERR_EXPERT_ID
+from xmoe.kernels.dispatch import send_slot_kernel
+from xmoe.kernels.launch import launch
+from xmoe.kernels.layout import launch_dispatch_layout
 from xmoe.testing.routing import make_routing
 
 
@@ -20,7 +23,7 @@ def test_dispatch_layout_matches_reference(tokens, ranks, experts, topk, pattern
     per_expert = np.full(experts, -5, np.int32)
     in_rank = np.ones((tokens, ranks), np.bool_)
     in_rank[::2] = False
-    errors = np.zeros(1, np.int32)
+    errors = np.zeros(2, np.int32)
     launch_dispatch_layout(idx, experts, per_rank, per_expert, in_rank, errors, 32)
     want_rank, want_expert, want_in = reference.dispatch_layout(idx, experts, ranks)
     assert errors[0] == 0
@@ -33,10 +36,10 @@ def test_dispatch_layout_matches_reference(tokens, ranks, experts, topk, pattern
 def test_dispatch_layout_reports_out_of_range_expert(bad_value):
     idx = make_routing(9, 4, 20, 4, 16, 2, np.float32).topk_idx[0]
     idx[13, 1] = bad_value
-    errors = np.zeros(1, np.int32)
+    errors = np.zeros(2, np.int32)
     launch_dispatch_layout(idx, 16, np.empty(4, np.int32), np.empty(16, np.int32), np.empty((20, 4), np.bool_),
                            errors, 32)
-    assert divmod(int(errors[0]) - 1, 2) == (13, 1)
+    assert (int(errors[0]), divmod(int(errors[1]), 2)) == (ERR_EXPERT_ID, (13, 1))
 
 
 @pytest.mark.parametrize("tokens, ranks, threads", [(0, 3, 32), (1, 1, 32), (31, 2, 32), (33, 4, 32), (300, 5, 64)])
@@ -45,6 +48,6 @@ def test_send_slots_match_reference(tokens, ranks, threads):
     in_rank = rng.random((tokens, ranks)) < 0.4
     slots = np.full((tokens, ranks), -9, np.int32)
     counts = np.full(ranks, -9, np.int32)
-    launch_send_slots(in_rank, slots, counts, threads)
+    launch(send_slot_kernel, ranks, threads, is_token_in_rank=in_rank, send_slot=slots, tokens_per_rank=counts)
     np.testing.assert_array_equal(slots, reference.send_slots(in_rank))
     np.testing.assert_array_equal(counts, in_rank.sum(axis=0))

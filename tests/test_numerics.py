@@ -27,6 +27,6 @@ def test_bf16_conversions_match_ml_dtypes():
     values[:4] = [np.float32(1 + 2**-8), np.float32(1 + 3 * 2**-8), np.float32(-0.0), np.float32(np.inf)]
     widened = np.full(n, np.nan, np.float32)
     narrowed = np.full(n, 0xFFFF, np.uint16)
-    launch(_round_trip, (n + 63) // 64, 64, bits_in, widened, values, narrowed)
+    launch(_round_trip, (n + 63) // 64, 64, bits_in=bits_in, widened=widened, values=values, narrowed=narrowed)
     np.testing.assert_array_equal(widened, bits_in.view(BFLOAT16).astype(np.float32))
     np.testing.assert_array_equal(narrowed, values.astype(BFLOAT16).view(np.uint16))

@@ -22,7 +22,8 @@ from xmoe.runtime import Group, finalize, get_group, init, is_initialized
 
 __version__ = "0.1.0"
 
-_LAZY = {"Buffer": "xmoe.buffer", "DispatchHandle": "xmoe.buffer"}
+#: Loaded on first use, without a process group or a backend (Buffer's module loads no kernels).
+_LAZY = {"Buffer": "xmoe.buffer", "DispatchHandle": "xmoe.ep.handle"}
 #: Expert compute: no process group needed, only the backend (the default one unless
 #: ``init()`` or ``XMOE_BACKEND`` chose it).
 _LAZY_COMPUTE = {"grouped_gemm": "xmoe.kernels.gemm", "GemmConfig": "xmoe.kernels.gemm",
@@ -36,15 +37,17 @@ def __getattr__(name: str) -> Any:
 
         from xmoe.runtime import ensure_backend
 
-        if name in _LAZY:
-            get_group()  # the kernels need the backend that init() fixes
-        else:
+        if name in _LAZY_COMPUTE:
             ensure_backend()
         module = _LAZY.get(name) or _LAZY_COMPUTE[name]
         value = getattr(importlib.import_module(module), name)
         globals()[name] = value  # later lookups skip this function (it is on every call's path)
         return value
     raise AttributeError(f"module 'xmoe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "finalize", "get_group",

@@ -1,99 +1,70 @@
 """``python -m xmoe demo|info``.
 
 ``demo`` launches its own ranks (mpirun from the mpich wheel on the CPU simulator,
-torchrun on the GPU), runs layout -> dispatch -> a toy expert -> combine, checks the
-result against the NumPy reference and prints a table; exit status 0 when it matches.
+torchrun on the GPU), runs layout -> dispatch -> a toy expert -> combine on each
+(:func:`xmoe.demo.run_rank`), checks the result against the NumPy reference and prints
+a table; exit status 0 when it matches, 2 for bad arguments (rejected before any rank starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import subprocess
 import sys
-import time
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Callable, Sequence
 
 from xmoe import runtime
 
 DEMO_CHILD_ENV = "XMOE_DEMO_CHILD"
+SIMULATOR = ("the CPU simulator (Numba's CUDA simulator runs every GPU thread as a Python thread: slow by design, "
+             "expect tens of seconds; its times say nothing about a GPU)")
 
 
-def toy_expert(recv_x: np.ndarray, recv_topk_idx: np.ndarray, recv_topk_weights: np.ndarray, rank: int,
-               num_local_experts: int) -> np.ndarray:
-    """Scale each received row by the weighted sum of (global expert id + 1) over its local experts.
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (argparse names the argument in its error)."""
 
-    ``recv_x`` ``[recv, hidden]`` float32 or bfloat16; ``recv_topk_idx`` int64 and
-    ``recv_topk_weights`` float32 ``[recv, k]`` as dispatch returns them.
-    """
-    global_ids = recv_topk_idx + rank * num_local_experts + 1
-    scale = np.where(recv_topk_idx >= 0, recv_topk_weights * global_ids, 0).sum(axis=1, dtype=np.float32)
-    return (recv_x.astype(np.float32) * scale[:, None]).astype(recv_x.dtype)
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
-def _demo_rank(args: argparse.Namespace) -> int:
-    import xmoe
-    from xmoe import reference
-    from xmoe.testing.checks import backend_io
-    from xmoe.testing.routing import make_routing
-
-    group = xmoe.init()
-    me, ranks = group.rank, group.world_size
-    if args.experts % ranks:
-        raise SystemExit(f"--experts {args.experts} is not divisible by --ranks {ranks}")
-    local_experts = args.experts // ranks
-    routing = make_routing(args.seed, ranks, args.tokens, args.hidden, args.experts, args.topk)
-    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(args.tokens, args.hidden, ranks, args.experts,
-                                                              args.topk))
-    to_device, to_host = backend_io()
-    x, idx, weights = (to_device(a) for a in (routing.x[me], routing.topk_idx[me], routing.topk_weights[me]))
-    times = {}
-    start = time.perf_counter()
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, args.experts)
-    times["layout"] = time.perf_counter() - start
-    start = time.perf_counter()
-    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=idx, topk_weights=weights)
-    times["dispatch"] = time.perf_counter() - start
-    start = time.perf_counter()
-    expert_out = toy_expert(to_host(recv_x), to_host(recv_idx), to_host(recv_w), me, local_experts)
-    times["expert"] = time.perf_counter() - start
-    start = time.perf_counter()
-    combined, _, _ = buffer.combine(to_device(expert_out), handle)
-    combined = to_host(combined)
-    times["combine"] = time.perf_counter() - start
-
-    want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, args.experts)
-    want_out = [toy_expert(w["recv_x"], w["recv_topk_idx"], w["recv_topk_weights"], r, local_experts)
-                for r, w in enumerate(want)]
-    all_in_rank = [reference.dispatch_layout(i, args.experts, ranks)[2] for i in routing.topk_idx]
-    want_combined, _ = reference.combine(want_out, all_in_rank)[me]
-    ok = bool(np.array_equal(combined.view(np.uint16), want_combined.view(np.uint16)))
-    per_rank = to_host(per_rank)
-    sent = int(per_rank.sum() - per_rank[me])
-    rows = group.allgather((me, x.shape[0], sent, recv_x.shape[0], times, ok))
-    buffer.destroy()
-    matched = all(row[-1] for row in rows)
-    if me == 0:
-        print(f"xmoe demo: backend={group.backend} ranks={ranks} tokens={args.tokens} hidden={args.hidden} "
-              f"experts={args.experts} top-{args.topk} bf16")
-        header = f"{'rank':>4} {'tokens':>6} {'sent':>6} {'recv':>6} " + " ".join(f"{k + ' ms':>12}" for k in times)
-        print(header)
-        for rank, tokens, sent_r, recv, t, _ in rows:
-            print(f"{rank:>4} {tokens:>6} {sent_r:>6} {recv:>6} " + " ".join(f"{v * 1e3:>12.1f}" for v in t.values()))
-        print("result matches the NumPy reference on every rank" if matched else "MISMATCH against the reference")
-    return 0 if matched else 1
+def _check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the argument types cannot check alone; ``parser.error`` (exit status 2) on the first problem."""
+    if args.experts % args.ranks:
+        parser.error(f"--experts {args.experts} is not divisible by --ranks {args.ranks} "
+                     "(each rank holds the same number of experts)")
+    if args.topk > args.experts:
+        parser.error(f"--topk {args.topk} is more than --experts {args.experts} (a token's experts are distinct)")
 
 
 def demo(args: argparse.Namespace) -> int:
+    """In a launched rank: run the demo. Otherwise: launch ``args.ranks`` ranks running it."""
     if runtime.launched() or os.environ.get(DEMO_CHILD_ENV):
-        return _demo_rank(args)
+        from xmoe.demo import run_rank
+
+        return 0 if run_rank(args.tokens, args.hidden, args.experts, args.topk, args.seed) else 1
     backend = runtime.default_backend()
-    command = runtime.launcher_command(args.ranks, backend)
+    try:
+        command = runtime.launcher_command(args.ranks, backend)
+    except RuntimeError as exc:
+        print(f"xmoe demo: {exc}", file=sys.stderr)
+        return 1
+    if backend == "cuda" and importlib.util.find_spec("torch") is None:
+        print("xmoe demo: on the GPU the ranks run under torchrun with PyTorch tensors: pip install torch "
+              "(or XMOE_BACKEND=sim for the CPU simulator)", file=sys.stderr)
+        return 1
+    where = SIMULATOR if backend == "sim" else f"the GPU ({runtime.gpu_count()} visible)"
+    print(f"xmoe demo: starting {args.ranks} ranks on {where}", flush=True)
     child = [sys.executable, "-m", "xmoe", "demo", "--ranks", str(args.ranks), "--tokens", str(args.tokens),
              "--hidden", str(args.hidden), "--experts", str(args.experts), "--topk", str(args.topk),
              "--seed", str(args.seed)]
@@ -108,7 +79,8 @@ def _version(package: str) -> str:
         return "-"
 
 
-def info(args: argparse.Namespace) -> int:
+def info() -> int:
+    """Print the backend, the GPUs, the launcher and the versions of xmoe and its dependencies."""
     print(f"backend: {runtime.default_backend()} (XMOE_BACKEND={os.environ.get('XMOE_BACKEND', '') or 'unset'})")
     print(f"GPUs visible: {runtime.gpu_count()}")
     try:
@@ -124,10 +96,23 @@ def info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xmoe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="layout -> dispatch -> toy expert -> combine on several ranks")
-    for name, default in (("ranks", 4), ("tokens", 64), ("hidden", 128), ("experts", 16), ("topk", 4), ("seed", 0)):
-        demo_parser.add_argument(f"--{name}", type=int, default=default)
-    demo_parser.set_defaults(run=demo)
-    commands.add_parser("info", help="backend, devices and versions").set_defaults(run=info)
-    args: Any = parser.parse_args(argv)
-    return args.run(args)
+    demo_parser = commands.add_parser(
+        "demo", help="layout -> dispatch -> toy expert -> combine on several ranks",
+        description="Launch the ranks (mpirun on the CPU simulator, torchrun on the GPU), run layout -> dispatch "
+                    "-> a toy expert -> combine on bfloat16 tokens and check the result against the NumPy reference.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    at_least_one = _int_at_least(1)
+    demo_parser.add_argument("--ranks", type=at_least_one, default=4, help="ranks (processes) to launch")
+    demo_parser.add_argument("--tokens", type=at_least_one, default=64, help="tokens per rank")
+    demo_parser.add_argument("--hidden", type=at_least_one, default=128, help="hidden size (elements per token)")
+    demo_parser.add_argument("--experts", type=at_least_one, default=16,
+                             help="experts in all, split evenly across the ranks (a multiple of --ranks)")
+    demo_parser.add_argument("--topk", type=at_least_one, default=4,
+                             help="distinct experts each token is sent to (at most --experts)")
+    demo_parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random tokens and routing")
+    commands.add_parser("info", help="backend, devices and versions")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        _check_demo_args(demo_parser, args)
+        return demo(args)
+    return info()

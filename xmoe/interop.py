@@ -90,16 +90,21 @@ def _storage_to_torch() -> dict[np.dtype, Any]:
 
 
 class DeviceArray:
-    """C-contiguous device memory as the Buffer's kernels take it: pointer, shape, dtype.
+    """Device memory as the Buffer's kernels take it: pointer, shape, dtype, byte strides.
 
     Built from a PyTorch tensor without a framework call (a CuPy view of a tensor costs
-    ~10 us of host time per argument). ``owner`` keeps the memory alive.
+    ~10 us of host time per argument). ``owner`` keeps the memory alive; ``strides`` None
+    means C-contiguous.
     """
 
-    __slots__ = ("ptr", "shape", "dtype", "owner", "_abi")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "strides", "c_contiguous", "_abi")
 
-    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: Any) -> None:
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: Any,
+                 strides: tuple[int, ...] | None = None) -> None:
         self.ptr, self.shape, self.dtype, self.owner = ptr, shape, dtype, owner
+        contiguous = _c_strides(shape, dtype.itemsize)
+        self.strides = contiguous if strides is None else tuple(strides)
+        self.c_contiguous = self.strides == contiguous
         self._abi: tuple[int, ...] | None = None
 
     @property
@@ -118,15 +123,6 @@ class DeviceArray:
     def nbytes(self) -> int:
         return self.size * self.itemsize
 
-    @property
-    def strides(self) -> tuple[int, ...]:
-        step = self.dtype.itemsize
-        strides = [step] * len(self.shape)
-        for axis in range(len(self.shape) - 1, 0, -1):
-            step *= self.shape[axis]
-            strides[axis - 1] = step
-        return tuple(strides)
-
     def abi(self) -> tuple[int, ...]:
         """The array in Numba's kernel ABI: meminfo, parent, size, itemsize, data, shape, strides."""
         if self._abi is None:
@@ -140,13 +136,37 @@ class DeviceArray:
         return cupy.asarray(self).get()
 
     def part(self, first: int, shape: tuple[int, ...]) -> "DeviceArray":
-        """Elements ``first:first + prod(shape)`` of this array (flat) as an array of ``shape``."""
+        """Elements ``first:first + prod(shape)`` of this (C-contiguous) array, flat, as an array of ``shape``."""
         return DeviceArray(self.ptr + first * self.dtype.itemsize, shape, self.dtype, self.owner)
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
-                "version": 3}
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False),
+                "strides": None if self.c_contiguous else self.strides, "version": 3}
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides = [itemsize] * len(shape)
+    for axis in range(len(shape) - 1, 0, -1):
+        strides[axis - 1] = strides[axis] * shape[axis]
+    return tuple(strides)
+
+
+def part(array: Any, first: int, shape: tuple[int, ...]) -> Any:
+    """Elements ``first:first + prod(shape)`` of the flat C-contiguous ``array`` (NumPy, CuPy or
+    :class:`DeviceArray`), shaped ``shape``."""
+    if type(array) is DeviceArray:
+        return array.part(first, shape)
+    return array[first : first + math.prod(shape)].reshape(shape)
+
+
+def strided_view(block: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype, strides: tuple[int, ...]) -> Any:
+    """An array of ``shape``, ``dtype`` and byte ``strides`` at byte ``offset`` of the uint8
+    ``block``, as the kernels take it: a NumPy view on the simulator, a :class:`DeviceArray`
+    over a CuPy block on the GPU."""
+    if isinstance(block, np.ndarray):
+        return np.ndarray(shape, dtype, buffer=block, offset=offset, strides=strides)
+    return DeviceArray(data_pointer(block) + offset, shape, np.dtype(dtype), block, strides)
 
 
 def data_pointer(array: Any) -> int:
@@ -190,6 +210,10 @@ class HostWords:
         else:
             self.host = np.zeros(length, np.int32)
             self.device = self.host
+
+    def part(self, first: int, shape: tuple[int, ...]) -> Any:
+        """Words ``first:first + prod(shape)`` shaped ``shape``, as a kernel takes them."""
+        return part(self.device, first, shape)
 
     def free(self) -> None:
         if self._pointer:

@@ -98,7 +98,7 @@ def launcher_command(ranks: int, backend: str) -> list[str]:
         found = str(beside) if beside.exists() else shutil.which(name)
         if found:
             return [found, "-n", str(ranks)]
-    raise RuntimeError("no mpirun found: pip install mpich (in xmoe[sim] and xmoe[test])")
+    raise RuntimeError("no mpirun found: pip install mpich (an xmoe dependency) or put an MPI's mpirun on PATH")
 
 
 def launched() -> bool:

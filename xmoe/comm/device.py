@@ -23,26 +23,14 @@ from numba.cuda.core import config
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
-# Error codes a kernel leaves in a kernel's error array: 0 = fine, otherwise
-# ERR_TIMEOUT + peer (no signal from that peer), ERR_MISMATCH + peer (the peer's
-# call did not match this rank's: other hidden size, top-k or expert count) or
-# ERR_CAPACITY + rows (more rows arrived than a worst-case-sized output holds).
-ERR_TIMEOUT = 1 << 20
-ERR_MISMATCH = 2 << 20
-ERR_CAPACITY = 3 << 20
-
-# A Buffer's status words, host memory the kernels write (mapped pinned memory on the GPU),
-# so the host learns of errors and of the dispatch counts without copying or synchronising:
-# the error code, the host's number of the last call whose notify finished, then its counts.
-STATUS_ERROR, STATUS_READY, STATUS_INFO = 0, 1, 2
-
 if SIMULATOR:
     import ctypes
     import time
 
     def shifted(array, offset):
         host = getattr(array, "_ary", array)  # a simulated device array holds its NumPy array
-        memory = (ctypes.c_byte * host.nbytes).from_address(host.ctypes.data + int(offset))
+        span = sum((n - 1) * s for n, s in zip(host.shape, host.strides)) + host.itemsize if host.size else 0
+        memory = (ctypes.c_byte * span).from_address(host.ctypes.data + int(offset))
         return np.ndarray(host.shape, host.dtype, buffer=memory, strides=host.strides)
 
     def now_ns() -> int:
@@ -115,76 +103,6 @@ def raise_signal(peer_signals, source, value):
     """Make this thread's earlier stores visible system-wide, then publish ``value``."""
     cuda.threadfence_system()
     cuda.atomic.exch(peer_signals, source, value)
-
-
-@cuda.jit(device=True)
-def record_error(errors, code):
-    """Keep the first error code a kernel reports in ``errors[0]``."""
-    cuda.atomic.cas(errors, 0, 0, code)
-
-
-@cuda.jit(device=True)
-def report_error(status, code):
-    """Leave ``code`` in ``status[STATUS_ERROR]`` for the host: a plain store (mapped host memory
-    takes no atomics); any one of several concurrent codes is kept."""
-    status[STATUS_ERROR] = code
-
-
-# A kernel's work counters (int32[4], zero between launches). Blocks take items (tokens or
-# rows, CLAIM at a time) as they come, so the blocks that are on the GPU do all the work
-# whichever others are not (ranks sharing a GPU hold SMs while they wait): the next item of
-# the first phase, the items finished, the next item of the second phase, the blocks exited.
-WORK_NEXT, WORK_DONE, WORK_NEXT_SECOND, WORK_EXITED = 0, 1, 2, 3
-#: Items a block takes at a time. Measured on one H100 under MPS, 4096 tokens, cached
-#: dispatch: 390 us at 2 PEs with 4 against 525 us with a chunk computed from the grid
-#: (3-5 items; 16 chunks a block), 1980 us against 1840 us (8 items) at 4 PEs.
-CLAIM = 4
-
-
-@cuda.jit(device=True)
-def claim(work, index, slot):
-    """Block-wide: the first of the next ``CLAIM`` items of counter ``work[index]``, the same
-    in every thread (``slot``: a shared int32 array of one element)."""
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        slot[0] = cuda.atomic.add(work, index, CLAIM)
-    cuda.syncthreads()
-    return slot[0]
-
-
-@cuda.jit(device=True)
-def finished_last(work, count, total, slot):
-    """Block-wide, once every thread has fenced its writes: count the block's ``count`` finished
-    items of ``total``; True in every thread of the block that finishes the last one (block 0
-    when ``total`` is 0)."""
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0:
-        done = cuda.atomic.add(work, WORK_DONE, count) + count
-        slot[0] = 1 if (count > 0 and done == total) or (total == 0 and cuda.blockIdx.x == 0) else 0
-    cuda.syncthreads()
-    return slot[0] == 1
-
-
-@cuda.jit(device=True)
-def call_number(calls):
-    """The sequence number of the call a kernel belongs to: one more than the calls finished
-    (``calls[0]``, which the last kernel of each call advances), so that a launch captured in
-    a CUDA graph numbers each replay by itself. Its parity picks the half of the symmetric
-    buffer the call uses."""
-    return calls[0] + 1
-
-
-@cuda.jit(device=True)
-def exit_block(work, calls, ends_call):
-    """Every block, last: the block that exits last zeroes the counters for the next launch and,
-    in the last kernel of a call (``ends_call``), counts the call as finished in ``calls[0]``
-    (every block has read it by then)."""
-    cuda.syncthreads()
-    if cuda.threadIdx.x == 0 and cuda.atomic.add(work, WORK_EXITED, 1) == cuda.gridDim.x - 1:
-        for i in range(4):
-            work[i] = 0
-        if ends_call:
-            calls[0] += 1
 
 
 class Transport(NamedTuple):

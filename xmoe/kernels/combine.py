@@ -8,10 +8,19 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from xmoe.comm.device import CLAIM, WORK_NEXT, WORK_NEXT_SECOND, Transport, call_number, claim, exit_block
-from xmoe.kernels.dispatch import CAPPED_REGISTERS, make_finish_send, source_of_row, wait_for_peers
-from xmoe.config import Config
-from xmoe.kernels.launch import Prepared
+from xmoe.comm.device import Transport
+from xmoe.comm.protocol import (
+    CLAIM,
+    WORK_NEXT,
+    WORK_NEXT_SECOND,
+    call_number,
+    claim,
+    exit_block,
+    make_finish_send,
+    source_of_row,
+    wait_for_peers,
+)
+from xmoe.kernels.launch import CAPPED_REGISTERS
 from xmoe.kernels.numerics import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bits
 
 
@@ -25,12 +34,14 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     Send: received row ``i < recv_offsets[-1]`` (from source ``s``, slot ``i - recv_offsets[s]``) goes back into
     this rank's region of ``s``'s symmetric buffer at that same slot, with its top-k
     weights; the block that finishes the last row publishes meta and signals.
-    Reduce: every block waits, bounded, for every peer (errors go to ``status``), then each
+    Reduce: every block waits, bounded, for every peer and a matching call shape
+    (``call_shape``; errors go to ``errors``), then each
     token sums in fp32, in rank order, the rows that came back for it (``send_slot[t, r]``
     locates them in ``field_x``, this rank's view as ``out``'s words), and rounds to the
     payload type. Blocks take rows and tokens as they come (see :func:`dispatch_kernel`).
     ``halves``: per parity half, this rank's view of x (as ``x``'s words), topk_weights,
     meta and signals, then ``field_x`` (``peers``: the byte offsets of the peers' blocks).
+    The launch ends its call.
     """
     write_row, write_value = transport.write_row, transport.write_value
     finish_send = make_finish_send(transport)
@@ -40,10 +51,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     widen, narrow = (bf16_to_f32, f32_to_bf16) if element == np.uint16 else (f32_from_bits, f32_to_bits)
 
     @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
-    def combine(
-        x, topk_weights, recv_offsets, peers, halves, rank, calls, row_bytes, num_local_experts, no_counts, work,
-        timeout_ns, status, send_slot, out, out_topk_weights,
-    ):
+    def combine(x, topk_weights, recv_offsets, send_slot, peers, halves, rank, calls, call_shape, work, timeout_ns,
+                errors, out, out_topk_weights):
         seq = call_number(calls)
         local_x, local_topk_weights, local_meta, local_signals, field_x = halves[1] if seq & 1 else halves[0]
         tid = cuda.threadIdx.x
@@ -53,7 +62,7 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
         # the rows received: x's, or fewer (the rest is padding of worst-case outputs)
         num_rows = min(recv_offsets[recv_offsets.shape[0] - 1], x.shape[0])
         sent = 0
-        first = claim(work, WORK_NEXT, slot_of)
+        first = claim(work, WORK_NEXT, CLAIM, slot_of)
         while first < num_rows:
             for row in range(first, min(first + CLAIM, num_rows)):
                 src = source_of_row(recv_offsets, row)
@@ -62,16 +71,15 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
                 for j in range(tid, num_topk, num_threads):
                     write_value(peers, local_topk_weights, src, rank, slot, j, topk_weights[row, j])
                 sent += 1
-            first = claim(work, WORK_NEXT, slot_of)
-        finish_send(work, sent, num_rows, slot_of, peers, local_meta, local_signals, rank, seq, row_bytes, num_topk,
-                    num_local_experts, no_counts)
+            first = claim(work, WORK_NEXT, CLAIM, slot_of)
+        finish_send(work, sent, num_rows, slot_of, peers, local_meta, local_signals, rank, seq, call_shape,
+                    recv_offsets[:0])
         flag = cuda.shared.array(2, np.int32)
-        if wait_for_peers(local_signals, local_meta, seq, row_bytes, num_topk, num_local_experts, timeout_ns, status,
-                          flag):
+        if wait_for_peers(local_signals, local_meta, seq, call_shape, timeout_ns, errors, flag):
             num_ranks = send_slot.shape[1]
             num_tokens = out.shape[0]
             acc = cuda.local.array(lanes, np.float32)
-            first = claim(work, WORK_NEXT_SECOND, slot_of)
+            first = claim(work, WORK_NEXT_SECOND, CLAIM, slot_of)
             while first < num_tokens:
                 for t in range(first, min(first + CLAIM, num_tokens)):
                     for w in range(tid, out.shape[1], num_threads):
@@ -94,15 +102,7 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
                             if slot >= 0:
                                 total += local_topk_weights[r, slot, j]
                         out_topk_weights[t, j] = total
-                first = claim(work, WORK_NEXT_SECOND, slot_of)
+                first = claim(work, WORK_NEXT_SECOND, CLAIM, slot_of)
         exit_block(work, calls, True)
 
     return combine
-
-
-def prepare_combine(transport: Transport, element: np.dtype, word: np.dtype, config: Config, args: tuple,
-                    changing: tuple[int, ...]) -> Prepared:
-    """:func:`combine_kernel` prepared with ``args`` (``x``, ``out`` and the payload fields
-    as words); ``changing``: positions in ``args`` (see :class:`xmoe.kernels.launch.Prepared`)."""
-    return Prepared(combine_kernel(transport, np.dtype(element), np.dtype(word)), config.num_sms, config.num_threads,
-                    args, changing, spins=True)

@@ -1,23 +1,30 @@
-"""The launch path shared by every Numba kernel of xmoe.
+"""The launch path shared by every Numba kernel of xmoe: arguments by name, packed once.
+
+A kernel's parameters are declared once, by the Python signature of its ``@cuda.jit``
+function: every launch here takes its arguments by name (:func:`parameters` orders them
+and names the missing and unknown ones), so the host never matches arguments by
+position, and the per-call arguments of a :class:`Prepared` launch are named too.
 
 Simulator: a NumPy argument is copied in and written back after the kernel, which would
 hide stores into shared memory from the other ranks while a kernel runs; wrapping it as
 a simulated device array passes it by reference, as a device pointer is on the GPU.
 
 GPU: Numba's dispatcher costs 35-120 us of host time per launch (it types and converts
-every argument), and ``cuda.core``'s launch converts every parameter in Python (~40-80 us
-for the ~200 parameters the dispatch kernel had when it took every peer's views). A kernel is compiled
-by Numba's dispatcher once per argument signature (or loaded from its disk cache); every
-launch packs the arguments straight into Numba's kernel ABI (an array is meminfo,
-parent, size, itemsize, data pointer, shape, strides, all 8-byte; a tuple is its
-elements in order) as bytes into one parameter buffer and calls the driver's
-``cuLaunchKernel`` through ctypes. A :class:`Prepared` launch packs everything once and
-repacks only the arguments that change.
+every argument). A kernel is compiled by Numba's dispatcher once per argument signature
+(``Dispatcher.compile``, or loaded from its disk cache); every launch packs the arguments
+straight into Numba's kernel ABI (an array is meminfo, parent, size, itemsize, data
+pointer, shape, strides, all 8-byte; an int is 8 bytes; a tuple is its elements in order)
+as bytes into one parameter buffer, and calls the driver's ``cuLaunchKernel`` through
+``cuda.bindings``. Two things come from Numba's internals, as no public API gives them:
+the loaded kernel's handle (``_codelibrary.get_cufunc()``) and that ABI;
+``tests/test_gpu.py::test_gpu_packed_arguments_match_numba`` compares the packed bytes
+with what Numba's own dispatcher passes, so that an upgrade that changes either fails a test.
 """
 
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 import struct
 from functools import lru_cache
@@ -27,13 +34,36 @@ import numpy as np
 from numba import cuda
 
 from xmoe.comm.device import SIMULATOR
-
 from xmoe.interop import DeviceArray
 
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 else:
+    from cuda.bindings import driver
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+#: For kernels that keep many values live: 64 registers a thread give two blocks of 512
+#: threads per SM, not one (1x H100 under MPS, 4096 tokens: at 4 PEs cached dispatch 1344 us
+#: against 1869 us without the cap; at 2 PEs combine 758 us uncapped, ~500 us capped).
+#: The simulator's jit takes no such option.
+CAPPED_REGISTERS: dict = {} if SIMULATOR else {"max_registers": 64}
+
+
+@lru_cache(maxsize=None)
+def parameters(kernel: Any) -> tuple[str, ...]:
+    """The names of ``kernel``'s parameters, in order: its one declaration."""
+    return tuple(inspect.signature(kernel.py_func).parameters)
+
+
+def ordered(kernel: Any, args: dict[str, Any]) -> tuple:
+    """``args`` (name -> value) in the order of ``kernel``'s parameters; ``TypeError`` naming any
+    parameter missing or unknown."""
+    names = parameters(kernel)
+    if len(args) != len(names) or any(name not in args for name in names):
+        missing = [name for name in names if name not in args]
+        unknown = [name for name in args if name not in names]
+        raise TypeError(f"{kernel.py_func.__name__}: missing arguments {missing}, unknown arguments {unknown}")
+    return tuple(args[name] for name in names)
 
 
 def kernel_arg(value: Any) -> Any:
@@ -48,15 +78,14 @@ def kernel_arg(value: Any) -> Any:
 
 
 _INT = struct.Struct("q")
-#: Numba's ABI of a C-contiguous array of each rank: meminfo, parent, size, itemsize, data, shape, strides.
+#: Numba's ABI of an array of each rank: meminfo, parent, size, itemsize, data, shape, strides.
 _ARRAY = {ndim: struct.Struct(f"{5 + 2 * ndim}q") for ndim in range(8)}
 
 
 def _pack(value: Any, parts: list) -> Any:
     """Append ``value`` in Numba's kernel ABI (8 bytes a parameter) to ``parts``; return its
-    signature: what decides the compiled kernel (dtype and rank of arrays, tuple structure).
-    Arrays reach the kernels C-contiguous (``as_array`` and fresh outputs), so their layout
-    is not part of it."""
+    signature: what decides the compiled kernel (dtype, rank and contiguity of arrays, tuple
+    structure)."""
     kind = type(value)
     if kind is int or isinstance(value, np.integer):
         parts.append(_INT.pack(value))
@@ -64,7 +93,11 @@ def _pack(value: Any, parts: list) -> Any:
     if kind is tuple:
         return tuple(_pack(item, parts) for item in value)
     parts.append(_ARRAY[value.ndim].pack(*_abi(value)))  # a DeviceArray or a CuPy array
-    return (value.dtype.char, value.ndim)
+    return (value.dtype.char, value.ndim, _c_contiguous(value))
+
+
+def _c_contiguous(array: Any) -> bool:
+    return array.c_contiguous if type(array) is DeviceArray else array.flags.c_contiguous
 
 
 def _abi(array: Any) -> tuple[int, ...]:
@@ -74,28 +107,32 @@ def _abi(array: Any) -> tuple[int, ...]:
     return (0, 0, array.size, array.itemsize, array.data.ptr, *array.shape, *array.strides)
 
 
+def pack(args: tuple) -> tuple[tuple, list[bytes]]:
+    """The signature of ``args`` (see :func:`_pack`) and each of them packed in Numba's ABI."""
+    packed: list[bytes] = []
+    signature = []
+    for arg in args:
+        parts: list = []
+        signature.append(_pack(arg, parts))
+        packed.append(b"".join(parts))
+    return tuple(signature), packed
+
+
 def _ranks_on_device() -> int:
     from xmoe import runtime
 
     return runtime.get_group().ranks_on_device if runtime.is_initialized() else 1
 
 
+def _check(result: Any, what: str) -> Any:
+    """The values after ``result``'s error code (a ``cuda.bindings`` call's tuple); RuntimeError on failure."""
+    if result[0] != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"{what} failed: {result[0]!r}")
+    return result[1] if len(result) == 2 else result[1:]
+
+
 #: ``cuLaunchKernel``'s ``extra`` keys: the parameter buffer, its size, the end of the list.
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
-
-
-@lru_cache(maxsize=1)
-def _cuda_driver() -> Any:
-    return ctypes.CDLL("libcuda.so.1")
-
-
-@lru_cache(maxsize=1)
-def _cu_launch_kernel() -> Any:
-    """The driver's ``cuLaunchKernel`` through ctypes (a Python call of ~1 us)."""
-    function = _cuda_driver().cuLaunchKernel
-    function.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-    function.restype = ctypes.c_int
-    return function
 
 
 class _Parameters:
@@ -113,23 +150,23 @@ class _Parameters:
                                             ctypes.addressof(self._size), _PARAM_END)
         self.extra_address = ctypes.addressof(self._extra)
 
-    def launch(self, handle: int, blocks: int, threads: int, stream: int) -> None:
-        result = _cu_launch_kernel()(handle, blocks, 1, 1, threads, 1, 1, 0, stream, None, self.extra_address)
-        if result != 0:
-            raise RuntimeError(f"cuLaunchKernel failed (CUresult {result}) for {blocks} x {threads} threads")
+    def launch(self, function: Any, blocks: int, threads: int, stream: int) -> None:
+        result = driver.cuLaunchKernel(function, blocks, 1, 1, threads, 1, 1, 0, stream, 0, self.extra_address)
+        if result[0] != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuLaunchKernel failed ({result[0]!r}) for {blocks} x {threads} threads")
 
 
-class _Compiled(_Parameters):
-    """A compiled kernel (``handle``) and the parameter block its launches fill."""
+class _Compiled:
+    """A kernel compiled for one signature and loaded on the current GPU."""
 
-    def __init__(self, handle: int, num_bytes: int) -> None:
-        super().__init__(num_bytes)
-        self.handle = handle
+    def __init__(self, kernel: Any, args: tuple, num_bytes: int) -> None:
+        signature = tuple(kernel.typeof_pyval(kernel_arg(a)) for a in args)
+        compiled = kernel.compile(signature)  # or loaded from Numba's disk cache
+        compiled.bind()  # loads it here, running the setup of linked device libraries (NVSHMEM's)
+        handle = compiled._codelibrary.get_cufunc().handle
+        self.function = driver.CUfunction(handle.value if isinstance(handle, ctypes.c_void_p) else int(handle))
+        self.num_bytes = num_bytes
         self._spinning: dict[int, int] = {}
-
-    def launch_packed(self, blocks: int, threads: int, stream: int, packed: bytes) -> None:
-        ctypes.memmove(self.values_address, packed, self.num_bytes)
-        self.launch(self.handle, blocks, threads, stream)
 
     def spinning_blocks(self, threads: int) -> int:
         """The most blocks of ``threads`` that this process lets spin on the GPU at once: the
@@ -139,12 +176,11 @@ class _Compiled(_Parameters):
         reports this process's share of the SMs already."""
         blocks = self._spinning.get(threads)
         if blocks is None:
-            per_sm = ctypes.c_int()
-            result = _cuda_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                ctypes.byref(per_sm), ctypes.c_void_p(self.handle), threads, ctypes.c_size_t(0))
-            if result != 0 or per_sm.value < 1:
-                raise RuntimeError(f"the kernel does not fit {threads} threads a block on this GPU (CUresult {result})")
-            blocks = per_sm.value * cuda.get_current_device().MULTIPROCESSOR_COUNT
+            per_sm = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, 0),
+                            "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            if per_sm < 1:
+                raise RuntimeError(f"the kernel does not fit {threads} threads a block on this GPU")
+            blocks = per_sm * cuda.get_current_device().MULTIPROCESSOR_COUNT
             if not os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
                 blocks = max(blocks // _ranks_on_device(), 1)
             self._spinning[threads] = blocks
@@ -154,86 +190,78 @@ class _Compiled(_Parameters):
 _compiled: dict[tuple, _Compiled] = {}
 
 
-def _compile(kernel: Any, args: tuple, num_bytes: int) -> _Compiled:
-    """Compile ``kernel`` for the types of ``args`` (or load it from Numba's disk cache) and
-    load it on the current GPU (which runs the setup of linked device libraries: NVSHMEM's)."""
-    signature = tuple(kernel.typeof_pyval(kernel_arg(a)) for a in args)
-    handle = kernel.compile(signature)._codelibrary.get_cufunc().handle
-    return _Compiled(handle.value if isinstance(handle, ctypes.c_void_p) else int(handle), num_bytes)
-
-
 def _packed(kernel: Any, blocks: int, threads: int, args: tuple, spins: bool) -> tuple[_Compiled, int, list[bytes]]:
     """The compiled kernel for ``args``' signature, the grid to launch, and each of ``args`` packed."""
-    packed: list[bytes] = []
-    signature = []
-    for arg in args:
-        parts: list = []
-        signature.append(_pack(arg, parts))
-        packed.append(b"".join(parts))
-    signature_key = (kernel, tuple(signature))
-    compiled = _compiled.get(signature_key)
+    signature, packed = pack(args)
+    key = (kernel, signature)
+    compiled = _compiled.get(key)
     if compiled is None:
-        compiled = _compiled[signature_key] = _compile(kernel, args, sum(len(arg) for arg in packed))
+        compiled = _compiled[key] = _Compiled(kernel, args, sum(len(arg) for arg in packed))
     if spins:
         blocks = min(blocks, compiled.spinning_blocks(threads))
     return compiled, blocks, packed
 
 
-def launch(kernel: Any, blocks: int, threads: int, *args: Any, stream: int = 0, spins: bool = False) -> None:
-    """Launch ``kernel`` on ``blocks`` x ``threads`` with ``args`` by reference, on ``stream`` (a pointer).
+def launch(kernel: Any, blocks: int, threads: int, stream: int = 0, spins: bool = False, **args: Any) -> None:
+    """Launch ``kernel`` on ``blocks`` x ``threads`` with ``args`` (by name, arrays by reference)
+    on ``stream`` (a pointer).
 
     ``spins``: the kernel's blocks wait for peers; where ranks share the GPU the grid is cut
     to :meth:`_Compiled.spinning_blocks` (the kernel must finish with any number of its
     blocks on the GPU: xmoe's take their work as they come).
     """
-    blocks, threads = max(int(blocks), 1), int(threads)
-    if SIMULATOR:
-        kernel[blocks, threads](*(kernel_arg(a) for a in args))
-        return
-    compiled, blocks, packed = _packed(kernel, blocks, threads, args, spins)
-    compiled.launch_packed(blocks, threads, stream, b"".join(packed))
+    Prepared(kernel, blocks, threads, args, (), spins)(stream)
 
 
 class Prepared:
-    """A launch of ``kernel`` (as :func:`launch` takes it) whose arguments are fixed but for
-    those at the positions ``changing`` (ints, and arrays of the same dtype and rank as
-    prepared); ``prepared(stream, *values)`` launches it with ``values`` there. The caller
-    keeps one per call site and argument set (a cached dispatch keeps its own in the handle).
+    """A launch of ``kernel`` with ``args`` (name -> value) fixed but for those named in
+    ``per_call`` (ints, and arrays of the same dtype, rank and contiguity as prepared);
+    ``prepared(stream, name=value, ...)`` launches it with those values. The caller keeps one
+    per call site and argument set.
 
-    GPU: every parameter is packed once; a call repacks only the changing arguments and
+    GPU: every parameter is packed once; a call repacks only the per-call arguments and
     calls the driver. Simulator: the values are put in place and the kernel launched as usual.
     """
 
-    def __init__(self, kernel: Any, blocks: int, threads: int, args: tuple, changing: tuple[int, ...],
+    def __init__(self, kernel: Any, blocks: int, threads: int, args: dict[str, Any], per_call: tuple[str, ...],
                  spins: bool = False) -> None:
-        self.kernel, self.changing, self.spins = kernel, changing, spins
+        values = ordered(kernel, args)
+        names = parameters(kernel)
+        unknown = [name for name in per_call if name not in names]
+        if unknown:
+            raise TypeError(f"{kernel.py_func.__name__}: per-call arguments {unknown} are not parameters")
+        self.kernel, self.spins, self.per_call = kernel, spins, frozenset(per_call)
         self.blocks, self.threads = max(int(blocks), 1), int(threads)
         if SIMULATOR:
-            self.args = args
+            self.args = dict(args)
             return
-        compiled, self.blocks, packed = _packed(kernel, self.blocks, self.threads, args, spins)
-        self.slots: list[tuple[int, Any]] = []  # byte offset, how to pack (an array's struct; None: an int)
+        compiled, self.blocks, packed = _packed(kernel, self.blocks, self.threads, values, spins)
+        self.slots: dict[str, tuple[int, Any]] = {}  # name -> byte offset, how to pack (None: an int)
         offset = 0
-        for position, (arg, arg_bytes) in enumerate(zip(args, packed)):
-            if position in changing:
+        for name, arg, arg_bytes in zip(names, values, packed):
+            if name in per_call:
                 is_int = type(arg) is int or isinstance(arg, np.integer)
-                self.slots.append((offset, None if is_int else _ARRAY[len(arg.shape)]))
+                self.slots[name] = (offset, None if is_int else _ARRAY[len(arg.shape)])
             offset += len(arg_bytes)
-        self.handle = compiled.handle
+        self.function = compiled.function
         self.parameters = _Parameters(compiled.num_bytes)
         ctypes.memmove(self.parameters.values_address, b"".join(packed), compiled.num_bytes)
 
-    def __call__(self, stream: int, *values: Any) -> None:
+    def __call__(self, stream: int, **values: Any) -> None:
         if SIMULATOR:
-            args = list(self.args)
-            for position, value in zip(self.changing, values):
-                args[position] = value
-            launch(self.kernel, self.blocks, self.threads, *args, spins=self.spins)
+            if not self.per_call.issuperset(values):
+                raise TypeError(f"{sorted(set(values) - self.per_call)}: not per-call arguments of this launch")
+            args = dict(self.args, **values)
+            self.kernel[self.blocks, self.threads](*(kernel_arg(a) for a in ordered(self.kernel, args)))
             return
         parameters = self.parameters
-        for (offset, array), value in zip(self.slots, values):
+        for name, value in values.items():
+            slot = self.slots.get(name)
+            if slot is None:
+                raise TypeError(f"{name}: not a per-call argument of this launch")
+            offset, array = slot
             if array is None:
                 _INT.pack_into(parameters.values, offset, value)
             else:
                 array.pack_into(parameters.values, offset, *_abi(value))
-        parameters.launch(self.handle, self.blocks, self.threads, stream)
+        parameters.launch(self.function, self.blocks, self.threads, stream)

@@ -4,15 +4,25 @@ A Buffer's symmetric block is split in two halves: call number ``seq`` of a Buff
 uses half ``seq % 2``, so a rank may already write call ``seq + 1`` into a peer while
 that peer still reads call ``seq`` (two calls ahead is impossible: finishing call
 ``seq + 1`` needs every peer's signal of call ``seq + 1``, sent after that peer
-finished reading call ``seq``). Calls of different shapes lay a half out differently,
-so the halves are split first and each is laid out on its own.
+finished reading call ``seq``).
 
-A half holds *fields*, each a typed array. Source rank ``s`` owns row block
-``[s, 0:capacity]`` of every field,
-and its ``i``-th token bound for this rank (in source token order) lands in slot
-``i``. Writers therefore never collide, and a receiver learns everything it needs
-(counts, shapes) from the sender's ``meta`` row, published with its signal: no
-handshake before the data moves. All functions here are pure.
+A half is laid out from the block size and the rank count alone, never from the shape
+of a call, so that ranks which disagree on a call (another hidden size, top-k, dtype)
+still agree on where everything lies:
+
+- the *control* fields at its start: ``signals`` int64 ``[R]`` (data written),
+  ``notify_signals`` int64 ``[R]`` (counts published) and ``meta`` int32 ``[R, meta_length]``
+  (each sender's call shape, :data:`META_FIELDS`, then its counts);
+- then one *region* of ``region_bytes`` per source rank. Source ``s`` writes only into
+  region ``s`` of a receiver, and lays it out from its own call shape: ``src_idx`` int32
+  ``[cap, 1]``, ``topk_idx`` int32 ``[cap, k]``, ``topk_weights`` float32 ``[cap, k]``, ``x``
+  uint8 ``[cap, row_stride]``, where ``cap`` is the most rows of that shape the region holds.
+
+Writers therefore never collide, whatever they passed; a receiver reads a region only
+after the sender's ``meta`` row (published with its signal) has matched its own call,
+so a mismatch is caught before any row is used, with no handshake before the data
+moves. A field seen across sources is an array ``[R, cap, ...]`` whose first stride is
+``region_bytes``. All functions here are pure.
 """
 
 from __future__ import annotations
@@ -22,66 +32,123 @@ from typing import Any
 
 import numpy as np
 
-#: Byte alignment of every field (a multiple of any vector width a kernel uses).
+#: Byte alignment of every field and region (a multiple of any vector width a kernel uses).
 FIELD_ALIGNMENT = 128
 #: Byte alignment of one token row inside the ``x`` field.
 ROW_ALIGNMENT = 16
-#: meta row: [row_bytes, num_topk, num_local_experts, tokens to rank 0..R-1, tokens per local expert of the receiver]
-META_ROW_BYTES, META_TOPK, META_LOCAL_EXPERTS, META_HEADER = 0, 1, 2, 3
+#: Most experts per rank: the meta row has room for the counts of this many.
+MAX_LOCAL_EXPERTS = 1024
+#: A sender's call shape, the first words of its meta row; receivers compare them with their own.
+META_FIELDS = ("call", "payload dtype", "row bytes", "top-k", "experts per rank")
+META_CALL, META_DTYPE, META_ROW_BYTES, META_TOPK, META_LOCAL_EXPERTS = range(len(META_FIELDS))
+META_HEADER = len(META_FIELDS)
+#: Values of the meta row's "call" and "payload dtype" words.
+CALL_CODES = {"dispatch": 1, "combine": 2}
+DTYPE_CODES = {"float32": 1, "bfloat16": 2}
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def meta_length(num_ranks: int, num_local_experts: int) -> int:
-    """Length (int32 entries) of one sender's meta row."""
-    return META_HEADER + num_ranks + num_local_experts
+def round_down(value: int, multiple: int) -> int:
+    return value // multiple * multiple
+
+
+def meta_length(num_ranks: int) -> int:
+    """Length (int32 entries) of one sender's meta row: its call shape, tokens to each rank,
+    tokens to each expert of the receiver."""
+    return META_HEADER + num_ranks + MAX_LOCAL_EXPERTS
 
 
 @dataclass(frozen=True)
 class Field:
-    """A typed array inside the symmetric block: ``shape`` of ``dtype`` at ``offset`` bytes."""
+    """A typed array in one half of the block: ``shape`` of ``dtype`` at ``offset`` bytes from
+    the half's start, with byte ``strides`` (a region field's first stride is the region size)."""
 
     name: str
     offset: int
     dtype: np.dtype
     shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    strides: tuple[int, ...]
 
     @property
     def end(self) -> int:
-        return self.offset + self.nbytes
+        """One past the last byte the field covers."""
+        if 0 in self.shape:
+            return self.offset
+        return self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.strides)) + self.dtype.itemsize
+
+
+def _contiguous(name: str, offset: int, dtype: Any, shape: tuple[int, ...], first_stride: int | None = None) -> Field:
+    dtype = np.dtype(dtype)
+    strides = [dtype.itemsize] * len(shape)
+    for axis in range(len(shape) - 1, 0, -1):
+        strides[axis - 1] = strides[axis] * shape[axis]
+    if first_stride is not None:
+        strides[0] = first_stride
+    return Field(name, offset, dtype, shape, tuple(strides))
+
+
+def control_fields(num_ranks: int) -> tuple[dict[str, Field], int]:
+    """The control fields of a half and the bytes they take (a multiple of FIELD_ALIGNMENT)."""
+    fields, offset = {}, 0
+    for name, dtype, shape in (("signals", np.int64, (num_ranks,)), ("notify_signals", np.int64, (num_ranks,)),
+                               ("meta", np.int32, (num_ranks, meta_length(num_ranks)))):
+        fields[name] = _contiguous(name, offset, dtype, shape)
+        offset = round_up(fields[name].end, FIELD_ALIGNMENT)
+    return fields, offset
+
+
+def row_stride(row_bytes: int) -> int:
+    return round_up(row_bytes, ROW_ALIGNMENT)
+
+
+def region_parts(capacity: int, row_bytes: int, num_topk: int) -> tuple[list[tuple[str, Any, tuple, int]], int]:
+    """The fields of one source's region, ``(name, dtype, row shape, offset in the region)``,
+    and the bytes the region needs (a multiple of FIELD_ALIGNMENT)."""
+    parts, offset = [], 0
+    for name, dtype, row in (("src_idx", np.int32, (1,)), ("topk_idx", np.int32, (num_topk,)),
+                             ("topk_weights", np.float32, (num_topk,)), ("x", np.uint8, (row_stride(row_bytes),))):
+        parts.append((name, dtype, row, offset))
+        offset = round_up(offset + capacity * row[0] * np.dtype(dtype).itemsize, FIELD_ALIGNMENT)
+    return parts, offset
+
+
+def half_bytes(nbytes: int) -> int:
+    """Bytes of one half of a block of ``nbytes``."""
+    return round_down(nbytes // 2, FIELD_ALIGNMENT)
+
+
+def region_bytes(nbytes: int, num_ranks: int) -> int:
+    """Bytes of one source's region in a block of ``nbytes`` (negative: not even the control fields fit)."""
+    control = control_fields(num_ranks)[1]
+    spare = half_bytes(nbytes) - control
+    return round_down(spare // num_ranks, FIELD_ALIGNMENT) if spare >= 0 else -1
 
 
 @dataclass(frozen=True)
 class SymmetricLayout:
-    """Layout of one half of a Buffer's symmetric block for one call shape.
+    """Layout of one half of a Buffer's block for one call shape (the same half for every shape:
+    only the inside of each region depends on it).
 
     Attributes:
         num_ranks: ranks writing into the block (one region each).
-        capacity: tokens one source may send to one receiver (its tokens per rank).
+        capacity: rows of this shape one region holds (tokens one source may send).
         row_bytes: payload bytes of one token (hidden * element size).
         num_topk: top-k entries carried with each token (0: none).
-        num_local_experts: experts per rank.
-        fields: name -> :class:`Field`; ``signals`` int64 ``[R]`` (data written),
-            ``notify_signals`` int64 ``[R]`` (counts published, before the data), ``meta`` int32
-            ``[R, meta_length]``, ``src_idx`` int32 ``[R, cap, 1]``, ``topk_idx`` int32
-            ``[R, cap, k]``, ``topk_weights`` float32 ``[R, cap, k]``, ``x`` uint8
-            ``[R, cap, row_stride]``.
-        nbytes: bytes one half needs.
+        region_bytes: bytes of one source's region.
+        nbytes: bytes of one half.
+        fields: name -> :class:`Field` (see the module docstring).
     """
 
     num_ranks: int
     capacity: int
     row_bytes: int
     num_topk: int
-    num_local_experts: int
-    fields: dict[str, Field]
+    region_bytes: int
     nbytes: int
+    fields: dict[str, Field]
 
     @property
     def row_stride(self) -> int:
@@ -91,64 +158,51 @@ class SymmetricLayout:
         """Byte offset in the whole block (both halves) where token ``slot`` of ``source`` lands."""
         if not (0 <= parity < 2 and 0 <= source < self.num_ranks and 0 <= slot < self.capacity):
             raise ValueError(f"(parity, source, slot)=({parity}, {source}, {slot}) outside the layout")
-        return parity * self.nbytes + self.fields["x"].offset + (source * self.capacity + slot) * self.row_stride
+        x = self.fields["x"]
+        return parity * self.nbytes + x.offset + source * x.strides[0] + slot * x.strides[1]
 
-    def views(self, block: Any, parity: int) -> dict[str, Any]:
-        """Typed views of every field of half ``parity`` of ``block`` (uint8, at least ``2 * nbytes``)."""
+    def views(self, block: np.ndarray, parity: int) -> dict[str, np.ndarray]:
+        """Typed NumPy views of every field of half ``parity`` of ``block`` (uint8, at least ``2 * nbytes``)."""
         if block.shape[0] < 2 * self.nbytes:
             raise ValueError(f"block of {block.shape[0]} bytes is smaller than the layout's 2 x {self.nbytes}")
-        base = parity * self.nbytes
-        return {
-            f.name: block[base + f.offset : base + f.end].view(f.dtype).reshape(f.shape) for f in self.fields.values()
-        }
+        return {f.name: np.ndarray(f.shape, f.dtype, buffer=block, offset=parity * self.nbytes + f.offset,
+                                   strides=f.strides) for f in self.fields.values()}
 
 
-def symmetric_layout(
-    num_ranks: int, capacity: int, row_bytes: int, num_topk: int, num_local_experts: int
-) -> SymmetricLayout:
-    """The layout for ``capacity`` tokens per source of ``row_bytes`` each (see the module)."""
-    for name, value in (("num_ranks", num_ranks), ("num_local_experts", num_local_experts)):
-        if value < 1:
-            raise ValueError(f"{name}={value}: must be >= 1")
-    for name, value in (("capacity", capacity), ("row_bytes", row_bytes), ("num_topk", num_topk)):
+def capacity_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> int:
+    """The most tokens per source that a block of ``nbytes`` holds (-1: not even 0)."""
+    region = region_bytes(nbytes, num_ranks)
+    if region < 0:
+        return -1
+    per_row = 4 + 8 * num_topk + row_stride(row_bytes)  # src_idx, topk_idx + weights, x
+    capacity = region // per_row  # an upper bound: the fields' padding may take a few rows off
+    while capacity > 0 and region_parts(capacity, row_bytes, num_topk)[1] > region:
+        capacity -= 1
+    return capacity
+
+
+def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> SymmetricLayout:
+    """The layout of a block of ``nbytes`` for calls of ``row_bytes`` and ``num_topk`` (see the module)."""
+    for name, value in (("nbytes", nbytes), ("row_bytes", row_bytes), ("num_topk", num_topk)):
         if value < 0:
             raise ValueError(f"{name}={value}: must be >= 0")
-    regions = (num_ranks,)
-    specs = [
-        ("signals", np.int64, regions),
-        ("notify_signals", np.int64, regions),
-        ("meta", np.int32, regions + (meta_length(num_ranks, num_local_experts),)),
-        ("src_idx", np.int32, regions + (capacity, 1)),
-        ("topk_idx", np.int32, regions + (capacity, num_topk)),
-        ("topk_weights", np.float32, regions + (capacity, num_topk)),
-        ("x", np.uint8, regions + (capacity, round_up(row_bytes, ROW_ALIGNMENT))),
-    ]
-    fields: dict[str, Field] = {}
-    offset = 0
-    for name, dtype, shape in specs:
-        field = Field(name, offset, np.dtype(dtype), shape)
-        fields[name] = field
-        offset = round_up(field.end, FIELD_ALIGNMENT)
-    return SymmetricLayout(num_ranks, capacity, row_bytes, num_topk, num_local_experts, fields, offset)
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks={num_ranks}: must be >= 1")
+    capacity = capacity_for(nbytes, num_ranks, row_bytes, num_topk)
+    if capacity < 0:
+        raise ValueError(f"nbytes={nbytes}: too small for the control fields of {num_ranks} ranks")
+    fields, control = control_fields(num_ranks)
+    region = region_bytes(nbytes, num_ranks)
+    for name, dtype, row, offset in region_parts(capacity, row_bytes, num_topk)[0]:
+        fields[name] = _contiguous(name, control + offset, dtype, (num_ranks, capacity) + row, region)
+    return SymmetricLayout(num_ranks, capacity, row_bytes, num_topk, region, half_bytes(nbytes), fields)
 
 
-def size_hint(num_max_tokens: int, num_ranks: int, row_bytes: int, num_topk: int, num_local_experts: int) -> int:
+def size_hint(num_max_tokens: int, num_ranks: int, row_bytes: int, num_topk: int) -> int:
     """Bytes of symmetric memory (both halves) a Buffer needs for up to ``num_max_tokens`` tokens per rank."""
-    return 2 * symmetric_layout(num_ranks, num_max_tokens, row_bytes, num_topk, num_local_experts).nbytes
-
-
-def capacity_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int, num_local_experts: int) -> int:
-    """The most tokens per rank that ``nbytes`` of symmetric memory holds (-1: not even 0)."""
-
-    def fits(capacity: int) -> bool:
-        return size_hint(capacity, num_ranks, row_bytes, num_topk, num_local_experts) <= nbytes
-
-    if not fits(0):
-        return -1
-    low, high = 0, 1
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    for name, value in (("num_max_tokens", num_max_tokens), ("row_bytes", row_bytes), ("num_topk", num_topk)):
+        if value < 0:
+            raise ValueError(f"{name}={value}: must be >= 0")
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks={num_ranks}: must be >= 1")
+    return 2 * (control_fields(num_ranks)[1] + num_ranks * region_parts(num_max_tokens, row_bytes, num_topk)[1])

@@ -1,1 +1,2 @@
-"""Test support shipped with xmoe: the pytest plugin (MPI fixtures) and routing generators."""
+"""Test support shipped with xmoe: the pytest plugin (multi-rank tests, fixtures), the
+routing cases and the checks against the NumPy reference. The library never imports it."""

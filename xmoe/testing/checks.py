@@ -8,40 +8,8 @@ from typing import Any, Callable
 import numpy as np
 
 from xmoe import reference
+from xmoe.demo import backend_io, identity, torch_io  # noqa: F401  (the io helpers: re-exported for the tests)
 from xmoe.testing.routing import Routing, make_routing, standard_cases
-
-
-def _identity(array: Any) -> Any:
-    return array
-
-
-def torch_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
-    """(to_device, to_host) between NumPy (bfloat16 as ml_dtypes) and CUDA PyTorch tensors."""
-    import torch
-
-    from xmoe.interop import BFLOAT16
-    from xmoe.interop import to_host as array_to_host
-
-    def to_device(array: np.ndarray) -> Any:
-        if array.dtype == BFLOAT16:
-            return torch.from_numpy(array.view(np.int16)).cuda().view(torch.bfloat16)
-        return torch.from_numpy(array).cuda()
-
-    def to_host(tensor: Any) -> np.ndarray:
-        if not isinstance(tensor, torch.Tensor):  # a handle's own arrays (CuPy, DeviceArray)
-            return array_to_host(tensor)
-        if tensor.dtype == torch.bfloat16:
-            return tensor.view(torch.int16).cpu().numpy().view(BFLOAT16)
-        return tensor.cpu().numpy()
-
-    return to_device, to_host
-
-
-def backend_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
-    """NumPy in and out on the simulator; CUDA PyTorch tensors on the GPU."""
-    from xmoe.interop import on_gpu
-
-    return torch_io() if on_gpu() else (_identity, _identity)
 
 
 def bits(array: np.ndarray) -> np.ndarray:
@@ -50,7 +18,7 @@ def bits(array: np.ndarray) -> np.ndarray:
 
 
 def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: int = 1, with_topk: bool = True,
-                  to_device: Callable[[np.ndarray], Any] = _identity, to_host: Callable[[Any], np.ndarray] = _identity,
+                  to_device: Callable[[np.ndarray], Any] = identity, to_host: Callable[[Any], np.ndarray] = identity,
                   config: Any = None, num_worst_tokens: int = 0) -> None:
     """layout -> dispatch -> combine (weighted) -> cached dispatch, each checked against the reference.
 
@@ -133,8 +101,8 @@ def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: i
 
 
 def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_experts: int, num_topk: int,
-                       dtype: Any, alignment: int, to_device: Callable[[np.ndarray], Any] = _identity,
-                       to_host: Callable[[Any], np.ndarray] = _identity, worst_case: bool = False) -> None:
+                       dtype: Any, alignment: int, to_device: Callable[[np.ndarray], Any] = identity,
+                       to_host: Callable[[Any], np.ndarray] = identity, worst_case: bool = False) -> None:
     """:func:`run_and_check` on every case of :func:`standard_cases`, one Buffer for all;
     ``worst_case``: into outputs of every token of every rank (``num_worst_tokens``)."""
     for case in standard_cases(group.world_size, tokens, hidden, alignment):
@@ -145,8 +113,8 @@ def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_ex
 
 
 def check_repeated_calls(buffer: Any, group: Any, routing: Routing, calls: int = 3,
-                         to_device: Callable[[np.ndarray], Any] = _identity,
-                         to_host: Callable[[Any], np.ndarray] = _identity) -> None:
+                         to_device: Callable[[np.ndarray], Any] = identity,
+                         to_host: Callable[[Any], np.ndarray] = identity) -> None:
     """One dispatch, then ``calls`` rounds of cached dispatch and weighted combine with the same
     handle and a fresh payload each round (a repeated call reuses its packed launch on the
     GPU: each round must see its own payload), each checked against the reference."""

@@ -4,7 +4,20 @@ A test marked ``@pytest.mark.mpi(ranks=N)`` is relaunched on N ranks: under mpir
 ``mpich`` wheel) on the CPU simulator, under torchrun on the cuda backend. Each rank
 runs the test function once and reports its outcome in a file; the parent test passes
 when every rank passed, skips when every rank skipped, and otherwise fails with the
-output of the ranks. Tests marked ``gpu`` skip cleanly without a GPU.
+error report of each failed rank and the end of the job's output. Tests marked ``gpu``
+skip cleanly without a GPU.
+
+A rank whose test fails ends the whole job at once, right after writing its outcome
+(``MPI_Abort`` when MPI is initialised, which makes mpirun kill the other ranks; else
+``os._exit(1)``, after which torchrun stops the others): its peers would otherwise wait
+for it, at a barrier or a peer wait, until their timeout or the parent's limit
+(``XMOE_TEST_TIMEOUT``, 600 s).
+
+Since a failure ends the job, a rank waiting for a peer only waits for one that is slow,
+never for one that is gone. So ranks on the simulator get a generous peer timeout:
+``XMOE_TIMEOUT_S`` defaults to 300 s there (the library's default, 60 s, was too short for
+4 simulated ranks sharing 2 loaded CPU cores). An ``XMOE_TIMEOUT_S`` set by the caller, or a
+test's own ``Config(timeout_s=...)``, still wins.
 
 Fixtures: ``group`` (the :class:`xmoe.Group`), ``rank``, ``world_size``.
 """
@@ -27,6 +40,8 @@ from xmoe import runtime
 CHILD_ENV = "XMOE_TEST_RESULTS"
 #: Seconds a relaunched test may take before it is killed and reported as hung.
 TIMEOUT_ENV = "XMOE_TEST_TIMEOUT"
+#: The peer timeout (``XMOE_TIMEOUT_S``) ranks on the simulator get unless the caller set one.
+SIM_PEER_TIMEOUT_S = 300
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +68,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs a CUDA GPU and nvshmem4py (pip install 'xmoe[cu12]' or 'xmoe[cu13]')")
 
 
+def _failure_report(outcomes: list[dict], ranks: int, command: list[str], returncode: int, output: str) -> str:
+    """What the parent shows when a relaunched test failed: each rank's outcome, the error
+    report of each failed rank (from its outcome file), then the end of the job's output."""
+    states = [f"rank {o['rank']} {o['outcome']}" for o in outcomes]
+    if len(outcomes) < ranks:
+        states.append(f"{ranks - len(outcomes)} ended without an outcome (the job ends when a rank fails)")
+    failed = [f"---- rank {o['rank']} failed ----\n{o['longrepr']}" for o in outcomes if o["outcome"] == "failed"]
+    if not failed:  # no rank got to report: show the error lines of the output (a crash, an import error)
+        lines = [line for line in output.splitlines() if line.startswith("E ") or "Error:" in line]
+        failed = ["error lines of every rank:\n" + "\n".join(lines)[-6000:]]
+    return (f"on {ranks} ranks: {', '.join(states)}\n" + "\n".join(failed)[-8000:]
+            + f"\n---- {' '.join(command)} ... exited {returncode}; last output ----\n{output[-3000:]}")
+
+
 def _relaunch(item: pytest.Function, ranks: int) -> None:
     backend = runtime.default_backend()
     try:
@@ -61,24 +90,25 @@ def _relaunch(item: pytest.Function, ranks: int) -> None:
         pytest.skip(str(exc))
     with tempfile.TemporaryDirectory(prefix="xmoe-ranks-") as results:
         env = dict(os.environ, **{CHILD_ENV: results, "XMOE_BACKEND": backend})
+        if backend == "sim":
+            env.setdefault("XMOE_TIMEOUT_S", str(SIM_PEER_TIMEOUT_S))
         if backend == "cuda" and ranks > runtime.gpu_count():  # PEs share a GPU: NVSHMEM needs MPS shares <= 100%
             env.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(100 * runtime.gpu_count() // ranks))
-        args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+        args = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "no:randomly",
                 "--rootdir", str(item.config.rootpath), item.nodeid]
         try:
             done = subprocess.run(command + args, cwd=item.config.rootpath, env=env, capture_output=True,
                                   text=True, timeout=float(os.environ.get(TIMEOUT_ENV, 600)))
         except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"{ranks} ranks did not finish in {exc.timeout} s:\n{(exc.stdout or '')[-4000:]}", pytrace=False)
-        outcomes = [json.loads(p.read_text()) for p in sorted(Path(results).glob("rank-*.json"))]
-    output = done.stdout + done.stderr
-    errors = "\n".join(line for line in output.splitlines() if line.startswith("E ") or "Error:" in line)
-    report = (f"{' '.join(command)} ... exited {done.returncode}\nerror lines of every rank:\n{errors[-6000:]}\n"
-              f"last output:\n{output[-4000:]}")
+            pytest.fail(f"{ranks} ranks did not finish in {exc.timeout} s:\n{(exc.stdout or '')[-4000:]}",
+                        pytrace=False)
+        outcomes = sorted((json.loads(p.read_text()) for p in Path(results).glob("rank-*.json")),
+                          key=lambda o: o["rank"])
     if len(outcomes) == ranks and all(o["outcome"] == "skipped" for o in outcomes):
         pytest.skip(outcomes[0]["reason"])
     if done.returncode != 0 or len(outcomes) != ranks or any(o["outcome"] != "passed" for o in outcomes):
-        pytest.fail(f"on {ranks} ranks: {[o['outcome'] for o in outcomes]}\n{report}", pytrace=False)
+        pytest.fail(_failure_report(outcomes, ranks, command, done.returncode, done.stdout + done.stderr),
+                    pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -90,18 +120,37 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+def _end_job() -> None:
+    """End every rank of this job now: ``MPI_Abort`` where MPI is initialised (mpirun then
+    kills the other ranks), else exit at once (torchrun then stops the others)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.COMM_WORLD.Abort(1)
+    os._exit(1)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """In a relaunched rank: write the test's outcome (and, for a failure, its error report
+    and captured output) to this rank's file; a failure of a test on two or more ranks then ends the job."""
     outcome = yield
     report = outcome.get_result()
-    if not in_child() or mpi_ranks(item) is None:
+    ranks = mpi_ranks(item)
+    if not in_child() or ranks is None:
         return
     failed_setup = report.when == "setup" and not report.passed
     if report.when == "call" or failed_setup:
         reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+        longrepr = ""
+        if report.failed:
+            longrepr = report.longreprtext + "".join(f"\n---- {title} ----\n{text}" for title, text in report.sections)
         rank = runtime.get_group().rank if runtime.is_initialized() else os.getpid()
         path = Path(os.environ[CHILD_ENV]) / f"rank-{rank}.json"
-        path.write_text(json.dumps({"outcome": report.outcome, "reason": reason}))
+        path.write_text(json.dumps({"rank": rank, "outcome": report.outcome, "reason": reason, "longrepr": longrepr}))
+        if report.failed and ranks > 1:
+            _end_job()
 
 
 @pytest.fixture

@@ -1,74 +1,11 @@
-"""Random routing for tests, benchmarks and the demo: the same inputs on every rank.
-
-Every rank draws the inputs of *all* ranks from one seed, keeps its own, and can run
-the NumPy reference for any rank without communication.
-"""
+"""Routing cases for tests and benchmarks, built on the demo's random routing
+(:mod:`xmoe.demo`, re-exported here): the same inputs on every rank."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from xmoe.demo import Routing, make_routing
 
-import numpy as np
-
-from xmoe.interop import BFLOAT16
-
-#: Routing patterns: ``random`` (masked slots, some tokens routed nowhere), ``one_rank``
-#: (every token to rank 0's experts), ``skip_last`` (the last rank receives nothing).
-PATTERNS = ("random", "one_rank", "skip_last")
-
-
-@dataclass
-class Routing:
-    """Inputs of every rank: ``x[r]`` ``[tokens_r, hidden]``, ``topk_idx[r]`` int64 ``[tokens_r, k]``,
-    ``topk_weights[r]`` float32 ``[tokens_r, k]``."""
-
-    x: list[np.ndarray]
-    topk_idx: list[np.ndarray]
-    topk_weights: list[np.ndarray]
-    num_experts: int
-
-
-def random_topk(rng: np.random.Generator, num_tokens: int, experts: np.ndarray, num_topk: int) -> np.ndarray:
-    """int64 ``[num_tokens, num_topk]``: distinct experts per token drawn from ``experts``."""
-    keys = rng.random((num_tokens, experts.size))
-    chosen = np.argsort(keys, axis=1)[:, :num_topk]
-    return experts[chosen].astype(np.int64)
-
-
-def make_routing(
-    seed: int,
-    num_ranks: int,
-    tokens: list[int] | int,
-    hidden: int,
-    num_experts: int,
-    num_topk: int,
-    dtype: np.dtype | type = BFLOAT16,
-    pattern: str = "random",
-    mask_prob: float = 0.2,
-) -> Routing:
-    """Random inputs of every rank (see :data:`PATTERNS`); ``tokens`` per rank or one count for all."""
-    if pattern not in PATTERNS:
-        raise ValueError(f"pattern={pattern!r}: expected one of {PATTERNS}")
-    rng = np.random.default_rng(seed)
-    counts = [tokens] * num_ranks if isinstance(tokens, int) else list(tokens)
-    per_rank = num_experts // num_ranks
-    experts = np.arange(num_experts)
-    if pattern == "one_rank":
-        experts = experts[:per_rank]
-    elif pattern == "skip_last":
-        experts = experts[: num_experts - per_rank]
-    k = min(num_topk, experts.size)
-    xs, idxs, weights = [], [], []
-    for count in counts:
-        xs.append(rng.standard_normal((count, hidden)).astype(np.float32).astype(dtype))
-        idx = np.full((count, num_topk), -1, np.int64)
-        idx[:, :k] = random_topk(rng, count, experts, k)
-        if pattern == "random":
-            idx[rng.random(idx.shape) < mask_prob] = -1
-            idx[:: 7] = -1  # tokens routed nowhere
-        idxs.append(idx)
-        weights.append(rng.random((count, num_topk)).astype(np.float32))
-    return Routing(xs, idxs, weights, num_experts)
+__all__ = ["Routing", "make_routing", "standard_cases"]
 
 
 def standard_cases(ranks: int, tokens: int, hidden: int, alignment: int) -> list[dict]:

@@ -1,0 +1,1 @@
+"""The host side of each communication protocol, one module a mode."""
