@@ -97,15 +97,23 @@ class DeviceArray:
     means C-contiguous.
     """
 
-    __slots__ = ("ptr", "shape", "dtype", "owner", "strides", "c_contiguous", "_abi")
+    __slots__ = ("ptr", "shape", "dtype", "owner", "_strides", "_abi")
 
     def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype, owner: Any,
                  strides: tuple[int, ...] | None = None) -> None:
         self.ptr, self.shape, self.dtype, self.owner = ptr, shape, dtype, owner
-        contiguous = _c_strides(shape, dtype.itemsize)
-        self.strides = contiguous if strides is None else tuple(strides)
-        self.c_contiguous = self.strides == contiguous
+        self._strides = None if strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize) else tuple(strides)
         self._abi: tuple[int, ...] | None = None
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Byte strides (computed on demand for the common, C-contiguous, array: it is built on
+        every call's path)."""
+        return _c_strides(self.shape, self.dtype.itemsize) if self._strides is None else self._strides
+
+    @property
+    def c_contiguous(self) -> bool:
+        return self._strides is None
 
     @property
     def ndim(self) -> int:

@@ -72,6 +72,16 @@ else:
 
         return array(array, types.int64), codegen
 
+    @intrinsic
+    def contiguous(typingctx, array):
+        """``array`` typed C-contiguous: a row of a strided field, which NVSHMEM's Numba calls take
+        only as a contiguous buffer (the array's struct is the same for every layout)."""
+
+        def codegen(context, builder, signature, args):
+            return args[0]
+
+        return array.copy(layout="C")(array), codegen
+
     @cuda.jit(device=True, inline=True)
     def now_ns():
         return np.int64(_globaltimer())
@@ -191,11 +201,11 @@ def put_transport() -> Transport:
 
     @cuda.jit(device=True)
     def put_row(peers, local, dst, rank, slot, row):
-        put_nbi_block(local[rank, slot], row, dst)
+        put_nbi_block(contiguous(local[rank, slot]), row, dst)
 
     @cuda.jit(device=True)
     def put_value(peers, local, dst, rank, slot, j, value):
-        p(local[rank, slot, j : j + 1], value, dst)
+        p(contiguous(local[rank, slot, j : j + 1]), value, dst)
 
     @cuda.jit(device=True)
     def put_meta(peers, local, dst, rank, i, value):

@@ -48,6 +48,14 @@ def empty(shape: tuple[int, ...], dtype: type) -> Any:
     return kernel_view(xp().empty(shape, dtype))
 
 
+def _unused_by_cached_dispatch() -> dict[str, Any]:
+    """The dispatch kernel's arguments that a cached dispatch (send + receive, no top-k) does not read."""
+    return dict(topk_idx=empty((0, 0), np.int64), topk_weights=empty((0, 0), np.float32),
+                is_token_in_rank=empty((0, 0), np.bool_), num_tokens_per_rank=empty((0,), np.int32),
+                expert_counts=empty((0,), np.int32), call_id=0, recv_topk_idx=empty((0, 0), np.int64),
+                recv_topk_weights=empty((0, 0), np.float32))
+
+
 #: The symmetric fields each kernel takes, per parity half (``x`` once per payload word type).
 _DISPATCH_FIELDS = ("x", "src_idx", "topk_idx", "topk_weights", "meta", "signals", "notify_signals")
 _COMBINE_FIELDS = ("x", "topk_weights", "meta", "signals")
@@ -82,9 +90,11 @@ class NormalMode:
         return prepared
 
     def _dispatch_launch(self, phases: int, layout: SymmetricLayout, word: np.dtype, recv_word: np.dtype,
-                         config: Config, args: dict[str, Any]) -> Prepared:
-        """The dispatch launch of ``phases`` for ``layout`` and these word types, prepared once
-        with ``args`` (every array but the Buffer's own is per call)."""
+                         call_shape: tuple[int, ...], config: Config, args: dict[str, Any],
+                         unused: Any = dict) -> Prepared:
+        """The dispatch launch of ``phases`` for ``layout``, these word types and this call shape,
+        prepared once with ``args`` (the per-call arrays) and ``unused()`` (what these phases
+        do not read)."""
         state = self.state
         status = state.status
 
@@ -92,18 +102,18 @@ class NormalMode:
             fixed = dict(phases=phases, peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
                          timeout_ns=config.timeout_ns, errors=status.errors, ready=status.ready,
                          rank_counts=status.rank_counts, recv_expert_counts=status.expert_counts,
-                         sent_per_rank=self._sent_per_rank,
+                         sent_per_rank=self._sent_per_rank, call_shape=state.call_shape(call_shape),
                          halves=state.halves(layout, _DISPATCH_FIELDS, (word, recv_word)))
             return Prepared(dispatch_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
-                            fixed | args, tuple(args), spins=bool(phases & (RECEIVE | NOTIFY)))
+                            fixed | unused() | args, tuple(args), spins=bool(phases & (RECEIVE | NOTIFY)))
 
-        return self._prepared(("dispatch", phases, id(layout), word, recv_word, config), build)
+        return self._prepared(("dispatch", phases, id(layout), word, recv_word, call_shape, config), build)
 
-    def _call_shape(self, call: str, origin: Origin, row_bytes: int, num_topk: int, num_local_experts: int,
-                    timeout_s: float) -> tuple[Any, int]:
-        """The call's meta words as a kernel array, and the host's number of the call."""
+    def _begin(self, call: str, origin: Origin, row_bytes: int, num_topk: int, num_local_experts: int,
+               timeout_s: float) -> tuple[tuple[int, ...], int]:
+        """The call's meta words (``layout/symmetric.py``'s META_FIELDS) and the host's number of the call."""
         meta = (CALL_CODES[call], DTYPE_CODES[origin.dtype], row_bytes, num_topk, num_local_experts)
-        return self.state.call_shape(meta), self.state.begin(call, meta, timeout_s)
+        return meta, self.state.begin(call, meta, timeout_s)
 
     # ------------------------------------------------------------ dispatch
     def dispatch(self, payload: Any, origin: Origin, routing: Routing, num_local_experts: int, alignment: int,
@@ -117,8 +127,7 @@ class NormalMode:
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self.layout(row_bytes, idx.shape[1], num_tokens, "dispatch")
         words = as_words(payload)
-        call_shape, seq = self._call_shape("dispatch", origin, row_bytes, idx.shape[1], num_local_experts,
-                                           config.timeout_s)
+        meta, seq = self._begin("dispatch", origin, row_bytes, idx.shape[1], num_local_experts, config.timeout_s)
         # the handle's arrays in one allocation: send slots, receive offsets, room for the
         # source index of every row this rank can receive
         src_idx_first = num_tokens * ranks + ranks + 1
@@ -128,13 +137,13 @@ class NormalMode:
         recv_offsets = part(handle_block, num_tokens * ranks, (ranks + 1,))
         sends = dict(x=words, topk_idx=idx, topk_weights=weights, is_token_in_rank=routing.is_token_in_rank,
                      num_tokens_per_rank=routing.num_tokens_per_rank, expert_counts=routing.num_tokens_per_expert,
-                     send_slot=send_slot, recv_offsets=recv_offsets, call_id=seq, call_shape=call_shape)
+                     send_slot=send_slot, recv_offsets=recv_offsets, call_id=seq)
         if num_worst_tokens:  # the outputs are sized already: everything in one launch, no waiting
             counts, per_expert, num_recv, phases = None, None, int(num_worst_tokens), NOTIFY | SEND | RECEIVE
         else:  # notify + send now; the receive once the host has sized the outputs from the counts
             no_rows = dict(recv_x=empty((0, 0), words.dtype), recv_src_idx=empty((0,), np.int32),
                            recv_topk_idx=empty((0, 0), np.int64), recv_topk_weights=empty((0, 0), np.float32))
-            self._dispatch_launch(NOTIFY | SEND, layout, words.dtype, words.dtype, config,
+            self._dispatch_launch(NOTIFY | SEND, layout, words.dtype, words.dtype, meta, config,
                                   sends | no_rows)(plan.pointer, **sends, **no_rows)
             StreamPlan.waited_s += state.wait_for_counts(seq, config.timeout_s)
             counts, per_expert = state.status.counts(num_local_experts)
@@ -148,7 +157,7 @@ class NormalMode:
         recv_words = as_words(recv_x)
         receives = dict(recv_x=recv_words, recv_src_idx=recv_src_idx, recv_topk_idx=recv_idx,
                         recv_topk_weights=recv_weights)
-        self._dispatch_launch(phases, layout, words.dtype, recv_words.dtype, config,
+        self._dispatch_launch(phases, layout, words.dtype, recv_words.dtype, meta, config,
                               sends | receives)(plan.pointer, **sends, **receives)
         handle = self._handle(counts, per_expert, num_recv, routing.is_token_in_rank, send_slot, recv_offsets,
                               recv_src_idx, alignment, num_local_experts, k, layout.capacity)
@@ -163,14 +172,11 @@ class NormalMode:
         words, recv_words = as_words(payload), as_words(recv_x)
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self.layout(row_bytes, 0, payload.shape[0], "dispatch")
-        call_shape, _ = self._call_shape("dispatch", origin, row_bytes, 0, handle.num_local_experts, config.timeout_s)
+        meta, _ = self._begin("dispatch", origin, row_bytes, 0, handle.num_local_experts, config.timeout_s)
         args = dict(x=words, send_slot=handle.send_slot, recv_offsets=handle.recv_offsets, recv_x=recv_words,
-                    recv_src_idx=handle.recv_src_idx, call_shape=call_shape)
-        unused = dict(topk_idx=empty((0, 0), np.int64), topk_weights=empty((0, 0), np.float32),
-                      is_token_in_rank=empty((0, 0), np.bool_), num_tokens_per_rank=empty((0,), np.int32),
-                      expert_counts=empty((0,), np.int32), call_id=0, recv_topk_idx=empty((0, 0), np.int64),
-                      recv_topk_weights=empty((0, 0), np.float32))
-        launch = self._dispatch_launch(SEND | RECEIVE, layout, words.dtype, recv_words.dtype, config, args | unused)
+                    recv_src_idx=handle.recv_src_idx)
+        launch = self._dispatch_launch(SEND | RECEIVE, layout, words.dtype, recv_words.dtype, meta, config, args,
+                                       _unused_by_cached_dispatch)
         launch(plan.pointer, **args)
         self.state.raise_on_error()
         return recv_x_out()
@@ -207,20 +213,20 @@ class NormalMode:
         words, out_words = as_words(payload), as_words(out)
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self.layout(row_bytes, weights.shape[1], handle.max_recv_per_source, "combine")
-        call_shape, _ = self._call_shape("combine", origin, row_bytes, weights.shape[1], handle.num_local_experts,
-                                         config.timeout_s)
+        meta, _ = self._begin("combine", origin, row_bytes, weights.shape[1], handle.num_local_experts,
+                              config.timeout_s)
         args = dict(x=words, topk_weights=weights, recv_offsets=handle.recv_offsets, send_slot=handle.send_slot,
-                    out=out_words, out_topk_weights=out_weights, call_shape=call_shape)
+                    out=out_words, out_topk_weights=out_weights)
         element = np.dtype(np.uint16 if origin.dtype == "bfloat16" else np.float32)
 
         def build() -> Prepared:
             fixed = dict(peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
-                         timeout_ns=config.timeout_ns, errors=state.status.errors,
+                         timeout_ns=config.timeout_ns, errors=state.status.errors, call_shape=state.call_shape(meta),
                          halves=state.halves(layout, _COMBINE_FIELDS, (words.dtype, out_words.dtype)))
             return Prepared(combine_kernel(transport(config.force_put), element, out_words.dtype), config.num_sms,
                             config.num_threads, fixed | args, tuple(args), spins=True)
 
-        key = ("combine", id(layout), element, words.dtype, out_words.dtype, config)
+        key = ("combine", id(layout), element, words.dtype, out_words.dtype, meta, config)
         self._prepared(key, build)(plan.pointer, **args)
         state.raise_on_error()
         return out_finish(), out_weights_finish() if has_weights else None
