@@ -72,11 +72,14 @@ def finished_last(work, index, count, total, slot):
 
 @cuda.jit(device=True)
 def wait_local(work, index, value):
-    """Every thread: spin until ``work[index] >= value``, which another block of this kernel sets
+    """Block-wide: wait until ``work[index] >= value``, which another block of this kernel sets
     after a bounded wait of its own (every block of a waiting kernel is resident: see
-    :meth:`xmoe.kernels.launch._Compiled.spinning_blocks`)."""
-    while load_fresh(work, index) < value:
-        backoff()
+    :meth:`xmoe.kernels.launch._Compiled.spinning_blocks`). One thread a block polls: every
+    thread's atomic read of one word would slow the blocks that advance it."""
+    if cuda.threadIdx.x == 0:
+        while load_fresh(work, index) < value:
+            backoff()
+    cuda.syncthreads()
 
 
 @cuda.jit(device=True)
