@@ -175,8 +175,25 @@ def _launched_by_mpi() -> bool:
     )
 
 
-def _mpi_group(backend: str) -> Group:
+def mpi(backend: str) -> Any:
+    """mpi4py's ``MPI`` module, importing it (which initialises MPI) for ``backend``.
+
+    On the sim backend, UCX's memory hooks are turned off first (``UCX_MEM_EVENTS=no``, unless
+    set): MPICH's UCX queues ~144 B for every munmap/madvise in the process (UCP's registration
+    cache is created with UCS_RCACHE_FLAG_SYNC_EVENTS) and drains the queue only when memory is
+    registered, which xmoe never does; Numba's simulator starts a thread per simulated thread, and each
+    one's exit unmaps memory twice, so RSS grew ~105 KiB per dispatch+combine without bound.
+    The simulated heap needs no registration cache (MPI shared memory).
+    """
+    if backend == "sim":
+        os.environ.setdefault("UCX_MEM_EVENTS", "no")
     from mpi4py import MPI
+
+    return MPI
+
+
+def _mpi_group(backend: str) -> Group:
+    MPI = mpi(backend)
 
     world = MPI.COMM_WORLD
     node = world.Split_type(MPI.COMM_TYPE_SHARED)

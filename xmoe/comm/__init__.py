@@ -20,9 +20,10 @@ def get_heap(group: Group) -> SymmetricHeap:
     elif group.launcher == "torchrun":
         raise RuntimeError("the sim backend's heap uses MPI shared memory: launch the ranks with mpirun, not torchrun")
     else:
-        from mpi4py import MPI
-
         from xmoe.comm.simulated import SimulatedHeap
+        from xmoe.runtime import mpi
+
+        MPI = mpi(group.backend)
 
         heap = SimulatedHeap(group.comm if group.launcher == "mpi" else MPI.COMM_SELF)
     _heaps[id(group)] = heap

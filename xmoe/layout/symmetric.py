@@ -181,13 +181,18 @@ def capacity_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> 
     return capacity
 
 
-def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> SymmetricLayout:
-    """The layout of a block of ``nbytes`` for calls of ``row_bytes`` and ``num_topk`` (see the module)."""
-    for name, value in (("nbytes", nbytes), ("row_bytes", row_bytes), ("num_topk", num_topk)):
+def _check_sizes(num_ranks: int, **sizes: int) -> None:
+    """``ValueError`` naming the argument unless ``num_ranks >= 1`` and every one of ``sizes`` is ``>= 0``."""
+    for name, value in sizes.items():
         if value < 0:
             raise ValueError(f"{name}={value}: must be >= 0")
     if num_ranks < 1:
         raise ValueError(f"num_ranks={num_ranks}: must be >= 1")
+
+
+def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> SymmetricLayout:
+    """The layout of a block of ``nbytes`` for calls of ``row_bytes`` and ``num_topk`` (see the module)."""
+    _check_sizes(num_ranks, nbytes=nbytes, row_bytes=row_bytes, num_topk=num_topk)
     capacity = capacity_for(nbytes, num_ranks, row_bytes, num_topk)
     if capacity < 0:
         raise ValueError(f"nbytes={nbytes}: too small for the control fields of {num_ranks} ranks")
@@ -200,9 +205,5 @@ def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int)
 
 def size_hint(num_max_tokens: int, num_ranks: int, row_bytes: int, num_topk: int) -> int:
     """Bytes of symmetric memory (both halves) a Buffer needs for up to ``num_max_tokens`` tokens per rank."""
-    for name, value in (("num_max_tokens", num_max_tokens), ("row_bytes", row_bytes), ("num_topk", num_topk)):
-        if value < 0:
-            raise ValueError(f"{name}={value}: must be >= 0")
-    if num_ranks < 1:
-        raise ValueError(f"num_ranks={num_ranks}: must be >= 1")
+    _check_sizes(num_ranks, num_max_tokens=num_max_tokens, row_bytes=row_bytes, num_topk=num_topk)
     return 2 * (control_fields(num_ranks)[1] + num_ranks * region_parts(num_max_tokens, row_bytes, num_topk)[1])
