@@ -10,6 +10,8 @@ import pytest
 
 from xmoe.testing.routing import make_routing
 
+pytestmark = pytest.mark.sim  # NumPy arguments; the checks are the same host code on every backend
+
 TOKENS, HIDDEN, EXPERTS, TOPK = 12, 8, 4, 2
 
 

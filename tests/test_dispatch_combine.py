@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xmoe.demo import backend_io
 from xmoe.interop import BFLOAT16
 from xmoe.testing.checks import run_and_check, run_standard_cases
 from xmoe.testing.routing import make_routing
@@ -81,20 +82,22 @@ def test_worst_case_outputs_too_short(group):
     from xmoe import reference
 
     buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(16, 8, 2, 4, 2, np.float32))
+    to_device, to_host = backend_io()
     routing = make_routing(5, 2, 16, 8, 4, 2, np.float32, "one_rank")  # rank 0 receives every token
-    idx = routing.topk_idx[group.rank]
+    idx = to_device(routing.topk_idx[group.rank])
+    x = to_device(routing.x[group.rank])
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
     want = reference.dispatch(routing.x, routing.topk_idx, routing.topk_weights, 4)[group.rank]
     received = len(want["recv_src_idx"])
     args = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx)
     if received:
         with pytest.raises(RuntimeError, match=f"received {received} rows, more than the num_worst_tokens"):
-            buffer.dispatch(routing.x[group.rank], num_worst_tokens=received - 1, **args)
+            buffer.dispatch(x, num_worst_tokens=received - 1, **args)
+            buffer.get_dispatch_layout(idx, 4)  # on the GPU the Buffer's next call raises the kernel's error
     else:  # the rank that receives nothing: its call succeeds, with padding only
-        recv_x, recv_idx, _, _, handle, _ = buffer.dispatch(routing.x[group.rank], num_worst_tokens=3, **args)
-        assert recv_x.shape[0] == 3 and (recv_idx == -1).all() and (handle.recv_src_idx == -1).all()
+        recv_x, recv_idx, _, _, handle, _ = buffer.dispatch(x, num_worst_tokens=3, **args)
+        assert recv_x.shape[0] == 3 and (to_host(recv_idx) == -1).all() and (to_host(handle.recv_src_idx) == -1).all()
     buffer.destroy()
-
 
 
 @pytest.mark.mpi(ranks=8)

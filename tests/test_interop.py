@@ -8,6 +8,8 @@ import pytest
 from xmoe.interop import BFLOAT16, as_array, to_origin
 from xmoe.testing.routing import make_routing
 
+pytestmark = pytest.mark.sim  # NumPy arrays and CPU tensors; tests/test_gpu.py covers device tensors
+
 
 def test_numpy_round_trip_is_zero_copy():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)

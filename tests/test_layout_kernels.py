@@ -12,6 +12,8 @@ from xmoe.kernels.launch import launch
 from xmoe.kernels.layout import launch_dispatch_layout
 from xmoe.testing.routing import make_routing
 
+pytestmark = pytest.mark.sim  # kernels launched on NumPy arrays
+
 
 @pytest.mark.parametrize("tokens, ranks, experts, topk, pattern", [
     (0, 2, 8, 2, "random"), (1, 1, 4, 4, "random"), (67, 4, 16, 4, "random"), (130, 8, 64, 8, "random"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xmoe.demo import backend_io
 from xmoe.interop import BFLOAT16
 from xmoe.testing.routing import make_routing
 
@@ -36,9 +37,10 @@ def _buffer(group):
 
 def _inputs(buffer, rank, hidden, topk, dtype, seed):
     routing = make_routing(seed, 2, TOKENS, hidden, EXPERTS, topk, dtype)
-    idx = routing.topk_idx[rank]
+    to_device = backend_io()[0]
+    idx = to_device(routing.topk_idx[rank])
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, EXPERTS)
-    return dict(x=routing.x[rank], topk_idx=idx, topk_weights=routing.topk_weights[rank],
+    return dict(x=to_device(routing.x[rank]), topk_idx=idx, topk_weights=to_device(routing.topk_weights[rank]),
                 num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
 
 
@@ -78,10 +80,13 @@ def test_combine_and_cached_dispatch_of_ranks_that_disagree(group, call):
     bytes_of = {r: 4 * hidden[r] for r in (0, 1)}
     message = (f"{call.split()[-1]}: ranks disagree on the call: rank {peer} has row bytes {bytes_of[peer]}, "
                f"rank {me} has row bytes {bytes_of[me]}")
+    to_device = backend_io()[0]
     with pytest.raises(RuntimeError, match=message):
         if call == "combine":
-            buffer.combine(np.ones((recv_x.shape[0], hidden[me]), np.float32), handle, config=xmoe.Config(timeout_s=120))
+            buffer.combine(to_device(np.ones((recv_x.shape[0], hidden[me]), np.float32)), handle,
+                           config=xmoe.Config(timeout_s=120))
         else:
-            buffer.dispatch(np.ones((TOKENS, hidden[me]), np.float32), handle=handle,
+            buffer.dispatch(to_device(np.ones((TOKENS, hidden[me]), np.float32)), handle=handle,
                             config=xmoe.Config(timeout_s=120))
+        buffer.get_dispatch_layout(to_device(np.zeros((1, 2), np.int64)), EXPERTS)  # the GPU raises at the next call
     buffer.destroy()

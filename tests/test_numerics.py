@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from numba import cuda
 
 from xmoe.interop import BFLOAT16
 from xmoe.kernels.launch import launch
 from xmoe.kernels.numerics import bf16_to_f32, f32_to_bf16
+
+pytestmark = pytest.mark.sim  # a kernel launched on NumPy arrays
 
 
 @cuda.jit

@@ -9,6 +9,10 @@ import pytest
 
 from xmoe.testing.routing import make_routing
 
+# NumPy inputs, and errors raised by the call itself (the simulator's kernels have finished when a
+# call returns); tests/test_gpu.py has the GPU's missing-rank tests
+pytestmark = pytest.mark.sim
+
 
 @pytest.mark.mpi(ranks=2)
 def test_missing_rank_raises_runtime_error(group):

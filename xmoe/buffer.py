@@ -182,6 +182,7 @@ class Buffer:
                     raise ValueError(f"topk_idx[{t}, {j}]={int(to_host(idx[t, j]))}: expert ids must be -1 or in "
                                      f"[0, {num_experts})")
                 raise ValueError(describe(code, detail, self.rank, "get_dispatch_layout", (), 0.0))
+            state.raise_on_error()  # an earlier call's error that landed since this call began
         return per_rank_out(), None, per_expert_out(), in_rank_out(), plan.finish()
 
     # -------------------------------------------------------------- dispatch

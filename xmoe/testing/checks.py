@@ -18,15 +18,17 @@ def bits(array: np.ndarray) -> np.ndarray:
 
 
 def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: int = 1, with_topk: bool = True,
-                  to_device: Callable[[np.ndarray], Any] = identity, to_host: Callable[[Any], np.ndarray] = identity,
+                  to_device: Callable[[np.ndarray], Any] | None = None, to_host: Callable[[Any], np.ndarray] | None = None,
                   config: Any = None, num_worst_tokens: int = 0) -> None:
     """layout -> dispatch -> combine (weighted) -> cached dispatch, each checked against the reference.
 
     ``to_device`` turns the NumPy inputs into the tensors to pass (torch, CuPy...),
-    ``to_host`` turns results back into NumPy for the comparison. ``num_worst_tokens``:
+    ``to_host`` turns results back into NumPy for the comparison (None: the backend's,
+    :func:`xmoe.demo.backend_io`: NumPy on the simulator, PyTorch on the GPU). ``num_worst_tokens``:
     dispatch into worst-case-sized outputs, whose rows past the received ones must be
     padding (and combine must ignore what its input holds there).
     """
+    to_device, to_host = (to_device, to_host) if to_device is not None else backend_io()
     me, ranks = group.rank, group.world_size
     idx, x = routing.topk_idx[me], routing.x[me]
     weights = routing.topk_weights[me] if with_topk else None
@@ -101,8 +103,8 @@ def run_and_check(buffer: Any, group: Any, routing: Routing, expert_alignment: i
 
 
 def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_experts: int, num_topk: int,
-                       dtype: Any, alignment: int, to_device: Callable[[np.ndarray], Any] = identity,
-                       to_host: Callable[[Any], np.ndarray] = identity, worst_case: bool = False) -> None:
+                       dtype: Any, alignment: int, to_device: Callable[[np.ndarray], Any] | None = None,
+                       to_host: Callable[[Any], np.ndarray] | None = None, worst_case: bool = False) -> None:
     """:func:`run_and_check` on every case of :func:`standard_cases`, one Buffer for all;
     ``worst_case``: into outputs of every token of every rank (``num_worst_tokens``)."""
     for case in standard_cases(group.world_size, tokens, hidden, alignment):
@@ -113,11 +115,12 @@ def run_standard_cases(buffer: Any, group: Any, tokens: int, hidden: int, num_ex
 
 
 def check_repeated_calls(buffer: Any, group: Any, routing: Routing, calls: int = 3,
-                         to_device: Callable[[np.ndarray], Any] = identity,
-                         to_host: Callable[[Any], np.ndarray] = identity) -> None:
+                         to_device: Callable[[np.ndarray], Any] | None = None,
+                         to_host: Callable[[Any], np.ndarray] | None = None) -> None:
     """One dispatch, then ``calls`` rounds of cached dispatch and weighted combine with the same
     handle and a fresh payload each round (a repeated call reuses its packed launch on the
     GPU: each round must see its own payload), each checked against the reference."""
+    to_device, to_host = (to_device, to_host) if to_device is not None else backend_io()
     me, ranks, num_experts = group.rank, group.world_size, routing.num_experts
     idx, weights = routing.topk_idx[me], routing.topk_weights[me]
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(to_device(idx), num_experts)

@@ -47,6 +47,8 @@ SIM_PEER_TIMEOUT_S = 300
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mpi(ranks): run the test on N ranks (mpirun on CPU, torchrun on GPU)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU and nvshmem4py; skipped without them")
+    config.addinivalue_line("markers", "sim: runs where the simulator is the default backend (NumPy or CPU "
+                                       "tensors into the kernels); skipped on a GPU machine")
 
 
 def in_child() -> bool:
@@ -66,6 +68,9 @@ def mpi_ranks(item: pytest.Item) -> int | None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gpu") is not None and runtime.default_backend() != "cuda":
         pytest.skip("needs a CUDA GPU and nvshmem4py (pip install 'xmoe[cu12]' or 'xmoe[cu13]')")
+    if item.get_closest_marker("sim") is not None and runtime.default_backend() != "sim":
+        pytest.skip("passes NumPy or CPU tensors into the kernels: the simulator's test (tests/test_gpu*.py run "
+                    "these kernels on the GPU)")
 
 
 def _failure_report(outcomes: list[dict], ranks: int, command: list[str], returncode: int, output: str) -> str:
