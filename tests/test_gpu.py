@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from xmoe.interop import BFLOAT16
-from xmoe.testing.checks import run_and_check, run_standard_cases, torch_io
+from xmoe.demo import torch_io
+from xmoe.testing.checks import run_and_check, run_standard_cases
 from xmoe.testing.routing import make_routing
 
 pytestmark = pytest.mark.gpu

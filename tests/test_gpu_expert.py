@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xmoe.testing.checks import torch_io
+from xmoe.demo import torch_io
 from xmoe.testing.expert import check_grouped_gemm, check_select_experts
 
 pytestmark = pytest.mark.gpu

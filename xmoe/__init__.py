@@ -28,7 +28,8 @@ _LAZY = {"Buffer": "xmoe.buffer", "DispatchHandle": "xmoe.ep.handle"}
 #: ``init()`` or ``XMOE_BACKEND`` chose it).
 _LAZY_COMPUTE = {"grouped_gemm": "xmoe.kernels.gemm", "GemmConfig": "xmoe.kernels.gemm",
                  "router": "xmoe.kernels.router", "router_logits": "xmoe.kernels.router",
-                 "select_experts": "xmoe.kernels.router"}
+                 "select_experts": "xmoe.kernels.router", "quantize_fp8": "xmoe.quant",
+                 "dequantize_fp8": "xmoe.quant"}
 
 
 def __getattr__(name: str) -> Any:
@@ -50,5 +51,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "finalize", "get_group",
-           "grouped_gemm", "init", "is_initialized", "router", "router_logits", "select_experts"]
+__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "dequantize_fp8", "finalize",
+           "get_group", "grouped_gemm", "init", "is_initialized", "quantize_fp8", "router", "router_logits",
+           "select_experts"]

@@ -168,7 +168,6 @@ class Buffer:
         is_token_in_rank, in_rank_out = new_output((idx.shape[0], self.num_ranks), np.bool_, origin)
         from xmoe.kernels.layout import launch_dispatch_layout
 
-        state.begin("get_dispatch_layout", (), 0.0)
         launch_dispatch_layout(kernel_view(idx), num_experts, kernel_view(tokens_per_rank),
                                kernel_view(tokens_per_expert), kernel_view(is_token_in_rank), state.status.errors,
                                self._default_config.num_threads, plan.pointer)
@@ -241,7 +240,7 @@ class Buffer:
             without top-k or in cached mode; a list of ints per local expert. ``recv`` is
             ``num_worst_tokens`` when that is given.
         """
-        state = self._usable_state()
+        self._usable_state()
         config = self._config(config)
         payload, origin = as_array(x, "x", raw=True)
         _check_payload(payload, origin, "x")

@@ -2,8 +2,9 @@
 
 NumPy in, NumPy out; PyTorch in, PyTorch out; JAX and CuPy likewise. Inside xmoe the
 arrays are NumPy on the simulator and CuPy on the GPU (zero-copy views of the
-caller's memory). bfloat16 has no type NumPy or CuPy compute with, so it travels as
-its 16-bit pattern (uint16) and the :class:`Origin` remembers that it was bfloat16.
+caller's memory). bfloat16 and float8_e4m3fn have no type NumPy or CuPy compute with, so
+they travel as their bit patterns (uint16, uint8: :data:`BIT_DTYPES`) and the
+:class:`Origin` remembers what they were.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import ml_dtypes
 import numpy as np
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT8_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+#: Dtypes NumPy and CuPy do not compute with, carried as their bit patterns: name -> (the
+#: storage dtype of the bits, the ml_dtypes dtype NumPy callers see).
+BIT_DTYPES = {"bfloat16": (np.dtype(np.uint16), BFLOAT16), "float8_e4m3fn": (np.dtype(np.uint8), FLOAT8_E4M3)}
 
 
 @dataclass(frozen=True)
@@ -78,15 +83,14 @@ def _torch_dtypes() -> dict[Any, np.dtype]:
     return {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
             torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16),
             torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32), torch.int16: np.dtype(np.int16),
-            torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_)}
+            torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8), torch.bool: np.dtype(np.bool_),
+            torch.float8_e4m3fn: np.dtype(np.uint8)}
 
 
 @lru_cache(maxsize=1)
 def _storage_to_torch() -> dict[np.dtype, Any]:
-    """The inverse of :func:`_torch_dtypes` for every dtype but bfloat16's uint16 bits."""
-    import torch
-
-    return {storage: dtype for dtype, storage in _torch_dtypes().items() if dtype != torch.bfloat16}
+    """The inverse of :func:`_torch_dtypes` for every dtype not carried as bits (:data:`BIT_DTYPES`)."""
+    return {storage: dtype for dtype, storage in _torch_dtypes().items() if _torch_names()[dtype] not in BIT_DTYPES}
 
 
 class DeviceArray:
@@ -274,29 +278,32 @@ def _from_torch(value: Any, name: str, raw: bool) -> tuple[Any, str]:
             value = value.detach().contiguous()
         return (_raw_view(value, storage) if raw else _cupy_view(value.detach(), storage)), dtype
     value = value.detach()
-    if value.dtype == torch.bfloat16:
-        value = value.view(torch.int16)
+    bits = BIT_DTYPES.get(dtype)
+    if bits is not None:  # DLPack takes integers of the same size
+        value = value.view(torch.int16 if bits[0].itemsize == 2 else torch.uint8)
     value = value.contiguous()
     array = xp().from_dlpack(value) if on_gpu() else np.from_dlpack(value)
-    return (array.view(np.uint16) if dtype == "bfloat16" else array), dtype
+    return (array.view(bits[0]) if bits is not None else array), dtype
 
 
 def _from_jax(value: Any, name: str) -> tuple[Any, str]:
     dtype = str(value.dtype)
+    bits = BIT_DTYPES.get(dtype)
     if on_gpu():
         import jax
 
-        if dtype == "bfloat16":
-            value = jax.lax.bitcast_convert_type(value, np.uint16)
+        if bits is not None:
+            value = jax.lax.bitcast_convert_type(value, bits[0])
         return xp().from_dlpack(value), dtype
     array = np.asarray(value)
-    return (array.view(np.uint16) if dtype == "bfloat16" else array), dtype
+    return (array.view(bits[0]) if bits is not None else array), dtype
 
 
 def as_array(value: Any, name: str, raw: bool = False) -> tuple[Any, Origin]:
     """``value`` as a C-contiguous backend array (zero-copy where possible) and its origin.
 
-    A bfloat16 tensor comes back as a uint16 view of its bits with ``Origin.dtype == "bfloat16"``.
+    A bfloat16 (float8_e4m3fn) tensor comes back as a uint16 (uint8) view of its bits with
+    ``Origin.dtype`` naming it.
     ``raw``: a CUDA PyTorch tensor comes back as a :class:`DeviceArray` (for the Numba kernels'
     launch path) instead of a CuPy array.
     """
@@ -315,35 +322,43 @@ def as_array(value: Any, name: str, raw: bool = False) -> tuple[Any, Origin]:
         if on_gpu():
             raise ValueError(f"{name}: a NumPy array was passed to the cuda backend; pass a device tensor")
         array, dtype = value, dtype_name(value.dtype)
-        if value.dtype == BFLOAT16:
-            array = value.view(np.uint16)
+        if dtype in BIT_DTYPES:
+            array = value.view(BIT_DTYPES[dtype][0])
     if type(array) is not DeviceArray and not array.flags.c_contiguous:
         array = xp().ascontiguousarray(array)
     return array, Origin(framework, dtype)
 
 
-def to_origin(array: Any, origin: Origin, bfloat16: bool = False) -> Any:
-    """``array`` as the framework ``origin`` names; ``bfloat16``: ``array`` holds bfloat16 bits."""
+def bits_of(origin: Origin) -> str | None:
+    """The name of ``origin``'s dtype when xmoe carries it as bit patterns (:data:`BIT_DTYPES`), else None."""
+    return origin.dtype if origin.dtype in BIT_DTYPES else None
+
+
+def to_origin(array: Any, origin: Origin, bits: str | None = None) -> Any:
+    """``array`` as the framework ``origin`` names; ``bits``: ``array`` holds the bit patterns of
+    that dtype (a name of :data:`BIT_DTYPES`)."""
     if array is None:
         return None
     framework = origin.framework
     if framework == "numpy":
-        return array.view(BFLOAT16) if bfloat16 else array
+        return array.view(BIT_DTYPES[bits][1]) if bits else array
     if framework == "cupy":
         return array
     if framework == "torch":
         import torch
 
-        tensor = torch.from_dlpack(array.view(np.int16) if bfloat16 else array)
-        return tensor.view(torch.bfloat16) if bfloat16 else tensor
+        if not bits:
+            return torch.from_dlpack(array)
+        signed = array.view(np.int16) if array.itemsize == 2 else array  # DLPack has no uint16
+        return torch.from_dlpack(signed).view(getattr(torch, bits))
     if framework == "jax":
         import jax
         import jax.numpy as jnp
 
         if on_gpu():
             result = jax.dlpack.from_dlpack(array)
-            return jax.lax.bitcast_convert_type(result, jnp.bfloat16) if bfloat16 else result
-        return jnp.asarray(array.view(BFLOAT16) if bfloat16 else array)
+            return jax.lax.bitcast_convert_type(result, getattr(jnp, bits)) if bits else result
+        return jnp.asarray(array.view(BIT_DTYPES[bits][1]) if bits else array)
     raise ValueError(f"cannot return an array to {framework}")
 
 
@@ -380,12 +395,13 @@ def _current_cuda() -> Any:
     return torch.device("cuda")
 
 
-def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat16: bool = False,
+def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bits: str | None = None,
                raw: bool = False) -> tuple[Any, Any]:
     """A fresh output: ``(array the kernels write, function returning it as the caller's type)``.
 
     For CUDA PyTorch callers the memory comes from PyTorch's allocator, so the result is
-    a plain tensor with no conversion afterwards; ``bfloat16``: ``dtype`` is uint16 bits;
+    a plain tensor with no conversion afterwards; ``bits``: ``dtype`` holds the bit patterns of
+    that dtype (a name of :data:`BIT_DTYPES`, e.g. "bfloat16" in uint16);
     ``raw``: the kernels get a :class:`DeviceArray` of it, not a CuPy array.
     Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`), except while a CUDA graph is captured.
     """
@@ -393,10 +409,10 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bfloat1
         import torch
 
         dtype = np.dtype(dtype)
-        torch_dtype = torch.bfloat16 if bfloat16 else _storage_to_torch()[dtype]
+        torch_dtype = getattr(torch, bits) if bits else _storage_to_torch()[dtype]
         tensor = torch.empty(shape, dtype=torch_dtype, device=_current_cuda())
         array = _raw_view(tensor, dtype) if raw else _cupy_view(tensor, dtype)
         # a CUDA graph capture takes no synchronous memset (and would poison only once)
         return (array if torch.cuda.is_current_stream_capturing() else poisoned(array)), lambda: tensor
     array = poisoned(xp().empty(shape, dtype))
-    return array, lambda: to_origin(array, origin, bfloat16)
+    return array, lambda: to_origin(array, origin, bits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import ml_dtypes
 import numpy as np
 
 
@@ -98,6 +99,28 @@ def dispatch(
             }
         )
     return results
+
+
+def quantize_fp8(x: np.ndarray, round_scale: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """bfloat16 ``[tokens, hidden]`` -> (float8_e4m3fn ``[tokens, hidden]``, float32 scales
+    ``[tokens, hidden / 128]``): scale = max(amax, 1e-4) / 448 per token and 128 channels (rounded
+    up to a power of two with ``round_scale``), values ``x * (1 / scale)`` rounded to nearest."""
+    tokens, hidden = x.shape
+    groups = x.astype(np.float32).reshape(tokens, hidden // 128, 128)
+    amax = np.maximum(np.abs(groups).max(axis=2), np.float32(1e-4))
+    scales = (amax / np.float32(448.0)).astype(np.float32)
+    if round_scale:
+        bits = scales.view(np.uint32)
+        scales = np.where(bits & 0x7FFFFF, (bits & 0xFF800000) + 0x800000, bits).astype(np.uint32).view(np.float32)
+    inverse = (np.float32(1.0) / scales).astype(np.float32)
+    values = (groups * inverse[:, :, None]).astype(np.float32)
+    return values.astype(ml_dtypes.float8_e4m3fn).reshape(tokens, hidden), scales
+
+
+def dequantize_fp8(x_fp8: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn ``[tokens, hidden]`` and float32 ``[tokens, hidden / 128]`` scales -> bfloat16."""
+    values = x_fp8.astype(np.float32) * np.repeat(scales, 128, axis=1)
+    return values.astype(np.float32).astype(ml_dtypes.bfloat16)
 
 
 def round_to(values: np.ndarray, dtype: Any) -> np.ndarray:

@@ -98,9 +98,10 @@ def describe(code: int, detail: int, rank: int, call: str, shape: tuple[int, ...
         return f"{call}: rank {peer} never arrived within {timeout_s} s (did every rank call {call}?)"
     if kind == ERR_MISMATCH:
         name = META_FIELDS[field]
+        mine = _meta_value(field, shape[field]) if field < len(shape) else "another value"
         return (f"{call}: ranks disagree on the call: rank {peer} has {name} {_meta_value(field, detail)}, "
-                f"rank {rank} has {name} {_meta_value(field, shape[field])} (every rank must make the same call with the "
-                f"same hidden size, dtype and top-k)")
+                f"rank {rank} has {name} {mine} (every rank must make the same call with the same hidden size, "
+                f"dtype and top-k)")
     if kind == ERR_CAPACITY:
         return (f"dispatch: rank {rank} received {detail} rows, more than the num_worst_tokens its recv_x holds; "
                 f"nothing was received")

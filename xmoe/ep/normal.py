@@ -20,7 +20,7 @@ from xmoe.config import Config
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.ep.state import BufferState
 from xmoe.event import HostPlan, StreamPlan
-from xmoe.interop import DeviceArray, Origin, data_pointer, kernel_view, new_output, part, xp
+from xmoe.interop import DeviceArray, Origin, bits_of, data_pointer, kernel_view, new_output, part, xp
 from xmoe.kernels.combine import combine_kernel
 from xmoe.kernels.dispatch import NOTIFY, RECEIVE, SEND, dispatch_kernel
 from xmoe.kernels.launch import Prepared
@@ -149,8 +149,8 @@ class NormalMode:
             counts, per_expert = state.status.counts(num_local_experts)
             num_recv, phases = int(counts[:, state.rank].sum()), RECEIVE  # counts: row = source
         recv_src_idx = part(handle_block, src_idx_first, (num_recv,))
-        recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin,
-                                        origin.dtype == "bfloat16", raw=True)
+        recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin, bits_of(origin),
+                                        raw=True)
         k = idx.shape[1]
         recv_idx, recv_idx_out = new_output((num_recv, k), np.int64, origin, raw=True)
         recv_weights, recv_weights_out = new_output((num_recv, k), np.float32, origin, raw=True)
@@ -167,8 +167,8 @@ class NormalMode:
     def cached_dispatch(self, payload: Any, origin: Origin, handle: DispatchHandle, config: Config,
                         plan: StreamPlan | HostPlan) -> Any:
         """A dispatch that repeats ``handle``'s routing with a new payload: one launch; ``recv_x``."""
-        recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin,
-                                        origin.dtype == "bfloat16", raw=True)
+        recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin, bits_of(origin),
+                                        raw=True)
         words, recv_words = as_words(payload), as_words(recv_x)
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self.layout(row_bytes, 0, payload.shape[0], "dispatch")
@@ -203,8 +203,8 @@ class NormalMode:
         ``(combined_x, combined_topk_weights)`` as the caller's type (weights: None without)."""
         state = self.state
         num_tokens = handle.is_token_in_rank.shape[0]
-        out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin,
-                                     origin.dtype == "bfloat16", raw=True)
+        out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, bits_of(origin),
+                                     raw=True)
         has_weights = weights is not None
         if has_weights:
             out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin, raw=True)

@@ -40,3 +40,58 @@ def f32_to_bits(value):
     word = cuda.local.array(1, np.float32)
     word[0] = value
     return word.view(np.uint32)[0]
+
+
+# float8_e4m3fn: 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, 0x7F / 0xFF NaN;
+# largest 448 (0x7E), smallest normal 2^-6, subnormals m * 2^-9.
+E4M3_MAX = 448.0
+_F32_MIN_E4M3_NORMAL = 0x3C800000  # 2^-6 as float32 bits
+_E4M3_REBIAS = (127 - 7) << 3  # float32 exponent bias minus e4m3's, in e4m3's exponent position
+
+
+@cuda.jit(device=True, inline=True)
+def f32_to_e4m3(value):
+    """float32 -> float8_e4m3fn bits, rounded to nearest even (as ml_dtypes does), saturating at
+    +-448 (the values xmoe casts are scaled into range); NaN stays NaN."""
+    bits = f32_to_bits(value)
+    sign = np.uint32((bits >> np.uint32(24)) & np.uint32(0x80))
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    if magnitude > np.uint32(0x7F800000):
+        return np.uint8(sign | np.uint32(0x7F))
+    if magnitude >= np.uint32(_F32_MIN_E4M3_NORMAL):
+        rounded = magnitude + np.uint32(0x7FFFF) + ((magnitude >> np.uint32(20)) & np.uint32(1))
+        code = (rounded >> np.uint32(20)) - np.uint32(_E4M3_REBIAS)
+        if code > np.uint32(0x7E):
+            code = np.uint32(0x7E)
+    else:  # a subnormal (or 2^-6 after rounding): round(|value| * 2^9) to nearest even, exact in float32
+        scaled = f32_from_bits(magnitude) * np.float32(512.0)
+        whole = np.uint32(scaled)
+        rest = scaled - np.float32(whole)
+        if rest > np.float32(0.5) or (rest == np.float32(0.5) and (whole & np.uint32(1)) == np.uint32(1)):
+            whole += np.uint32(1)
+        code = whole
+    return np.uint8(sign | code)
+
+
+@cuda.jit(device=True, inline=True)
+def e4m3_to_f32(bits):
+    """float8_e4m3fn bits -> float32 (exact)."""
+    code = np.uint32(bits)
+    exponent = (code >> np.uint32(3)) & np.uint32(0xF)
+    mantissa = code & np.uint32(0x7)
+    if exponent == np.uint32(0xF) and mantissa == np.uint32(0x7):
+        value = f32_from_bits(np.uint32(0x7FC00000))
+    elif exponent == np.uint32(0):
+        value = np.float32(mantissa) * np.float32(2.0 ** -9)
+    else:
+        value = f32_from_bits(((exponent + np.uint32(120)) << np.uint32(23)) | (mantissa << np.uint32(20)))
+    return -value if code & np.uint32(0x80) else value
+
+
+@cuda.jit(device=True, inline=True)
+def power_of_two_above(value):
+    """The least power of two >= the positive normal float32 ``value`` (2^ceil(log2 value))."""
+    bits = f32_to_bits(value)
+    if bits & np.uint32(0x7FFFFF):
+        bits = (bits & np.uint32(0xFF800000)) + np.uint32(0x800000)
+    return f32_from_bits(bits)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from xmoe import reference
-from xmoe.demo import backend_io, identity, torch_io  # noqa: F401  (the io helpers: re-exported for the tests)
+from xmoe.demo import backend_io
 from xmoe.testing.routing import Routing, make_routing, standard_cases
 
 

@@ -192,7 +192,8 @@ def grouped_gemm(
     a_array, w_array, offs_array, weights_array, origin, variant, rows, n, k, groups = _checked(
         a, w, offs, epilogue, row_weights, w_layout, out_dtype)
     bf16_out = variant.out_dtype == "bf16"
-    out, finish = new_output((rows, n), np.uint16 if bf16_out else np.float32, origin, bf16_out)
+    out, finish = new_output((rows, n), np.uint16 if bf16_out else np.float32, origin,
+                              "bfloat16" if bf16_out else None)
     problem = Problem(a_array, w_array, out, offs_array, weights_array, rows, n, k, groups)
     gemm_into(problem, variant, current_stream(origin.framework) if on_gpu() else None, config)
     return finish()
