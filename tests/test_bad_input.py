@@ -159,7 +159,7 @@ def test_use_before_init_raises():
     (dict(num_ranks=0), "num_ranks=0: must be an int >= 1"),
     (dict(num_experts=7), "num_experts=7 is not divisible by num_ranks=2"),
     (dict(num_topk=-1), "num_topk=-1: must be an int >= 0"),
-    (dict(dtype=np.float64), "dtype=float64: expected float32 or bfloat16"),
+    (dict(dtype=np.float64), "dtype=float64: expected float32, bfloat16 or float8_e4m3fn"),
 ])
 def test_size_hint_rejects_bad_arguments(args, message):
     import xmoe

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xmoe import reference
 from xmoe.demo import backend_io
 from xmoe.interop import BFLOAT16
 from xmoe.testing.checks import run_and_check, run_standard_cases
@@ -109,4 +110,57 @@ def test_eight_ranks(group):
     buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(12, 16, 8, 16, 3, np.float32))
     for call in range(2):
         run_and_check(buffer, group, make_routing(300 + call, 8, 12, 16, 16, 3, BFLOAT16))
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("worst_case", [False, True], ids=["sized", "worst-case"])
+@pytest.mark.mpi(ranks=2)
+def test_fp8_dispatch_then_bf16_combine(group, worst_case):
+    """An FP8 pair (rows, one scale per 128 channels) is dispatched as a pair, bit for bit, its
+    scales with their rows; a cached dispatch takes a new pair; combine takes bfloat16 rows."""
+    import xmoe
+    from xmoe.interop import FLOAT8_E4M3
+
+    me, tokens, hidden, experts, topk = group.rank, 24, 256, 8, 3
+    to_device, to_host = backend_io()
+    routing = make_routing(21, 2, tokens, hidden, experts, topk, BFLOAT16)
+    # FP8 dispatch, bfloat16 combine: room for the wider rows (combine after a worst-case dispatch
+    # sends back at most num_worst_tokens rows a source, as far as the host knows)
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(2 * tokens if worst_case else tokens, hidden, 2,
+                                                              experts, topk, BFLOAT16))
+    pairs = [reference.quantize_fp8(x) for x in routing.x]
+    idx = to_device(routing.topk_idx[me])
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
+    worst = 2 * tokens if worst_case else 0
+    (recv_fp8, recv_scales), recv_idx, recv_w, _, handle, _ = buffer.dispatch(
+        xmoe.quantize_fp8(to_device(routing.x[me])), num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+        topk_weights=to_device(routing.topk_weights[me]), num_worst_tokens=worst)
+    want = reference.dispatch([p[0].view(np.uint8) for p in pairs], routing.topk_idx, routing.topk_weights, experts)
+    want_scales = reference.dispatch([p[1] for p in pairs], routing.topk_idx, None, experts)
+    rows = len(want[me]["recv_src_idx"])
+    got_fp8, got_scales = to_host(recv_fp8), to_host(recv_scales)
+    assert got_fp8.dtype == FLOAT8_E4M3 and got_scales.dtype == np.float32
+    assert got_fp8.shape[0] == got_scales.shape[0] == (worst or rows)
+    np.testing.assert_array_equal(got_fp8.view(np.uint8)[:rows], want[me]["recv_x"])
+    np.testing.assert_array_equal(got_scales[:rows], want_scales[me]["recv_x"])
+    np.testing.assert_array_equal(to_host(recv_idx)[:rows], want[me]["recv_topk_idx"])
+
+    # combine the dequantised rows (bfloat16), as an expert would return them
+    expert_out = [reference.dequantize_fp8(w["recv_x"].view(FLOAT8_E4M3), s["recv_x"])
+                  for w, s in zip(want, want_scales)]
+    mine_out = np.concatenate([expert_out[me], np.zeros((worst - rows if worst else 0, hidden), BFLOAT16)])
+    combined, _, _ = buffer.combine(to_device(mine_out), handle)
+    all_in_rank = [reference.dispatch_layout(i, experts, 2)[2] for i in routing.topk_idx]
+    want_x, _ = reference.combine(expert_out, all_in_rank, None)[me]
+    np.testing.assert_array_equal(to_host(combined).view(np.uint16), want_x.view(np.uint16))
+
+    # cached dispatch of a new pair
+    pairs2 = [reference.quantize_fp8((x.astype(np.float32) * -2).astype(BFLOAT16), round_scale=True)
+              for x in routing.x]
+    recv2, _, _, _, _, _ = buffer.dispatch((to_device(pairs2[me][0]), to_device(pairs2[me][1])), handle=handle)
+    want2 = reference.dispatch([p[0].view(np.uint8) for p in pairs2], routing.topk_idx, None, experts)[me]
+    want2_scales = reference.dispatch([p[1] for p in pairs2], routing.topk_idx, None, experts)[me]
+    np.testing.assert_array_equal(to_host(recv2[0]).view(np.uint8)[:rows], want2["recv_x"])
+    np.testing.assert_array_equal(to_host(recv2[1])[:rows], want2_scales["recv_x"])
     buffer.destroy()

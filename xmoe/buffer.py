@@ -19,10 +19,23 @@ from xmoe.comm.status import ERR_EXPERT_ID, ERR_LAYOUT, KIND_MASK, describe
 from xmoe.config import Config
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import BFLOAT16, Origin, as_array, dtype_name, kernel_view, new_output, on_gpu, to_host, xp
-from xmoe.layout.symmetric import DTYPE_CODES, MAX_LOCAL_EXPERTS, size_hint
+from xmoe.interop import (
+    BFLOAT16,
+    FLOAT8_E4M3,
+    Origin,
+    as_array,
+    dtype_name,
+    kernel_view,
+    new_output,
+    on_gpu,
+    to_host,
+    xp,
+)
+from xmoe.layout.symmetric import MAX_LOCAL_EXPERTS, size_hint
 
-PAYLOAD_DTYPES = tuple(DTYPE_CODES)
+#: Payloads of dispatch and combine; an FP8 dispatch takes ``(float8_e4m3fn rows, float32 scales)``.
+PAYLOAD_DTYPES = ("float32", "bfloat16")
+FP8_GROUP = 128  # channels per scale of an FP8 payload (xmoe.quantize_fp8's)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -96,7 +109,8 @@ class Buffer:
             num_ranks: ranks of the group.
             num_experts: experts in total (a multiple of ``num_ranks``).
             num_topk: top-k entries per token (0 without top-k).
-            dtype: payload dtype of the widest call (float32 or bfloat16).
+            dtype: payload dtype of the widest call (float32, bfloat16, or float8_e4m3fn for FP8
+                rows with their scales).
         """
         num_max_tokens = _check_int("num_max_tokens", num_max_tokens, 0)
         hidden = _check_int("hidden", hidden, 1)
@@ -105,9 +119,11 @@ class Buffer:
         num_topk = _check_int("num_topk", num_topk, 0)
         if num_experts % num_ranks:
             raise ValueError(f"num_experts={num_experts} is not divisible by num_ranks={num_ranks}")
-        if dtype_name(dtype) not in PAYLOAD_DTYPES:
-            raise ValueError(f"dtype={dtype_name(dtype)}: expected float32 or bfloat16")
-        return size_hint(num_max_tokens, num_ranks, hidden * np.dtype(dtype).itemsize, num_topk)
+        name = dtype_name(dtype)
+        if name not in PAYLOAD_DTYPES + ("float8_e4m3fn",):
+            raise ValueError(f"dtype={name}: expected float32, bfloat16 or float8_e4m3fn")
+        num_scales = -(-hidden // FP8_GROUP) if name == "float8_e4m3fn" else 0
+        return size_hint(num_max_tokens, num_ranks, hidden * np.dtype(dtype).itemsize, num_topk, num_scales)
 
     # --------------------------------------------------------------- helpers
     def _usable_state(self) -> Any:
@@ -210,7 +226,9 @@ class Buffer:
         (:meth:`get_dispatch_layout` checks that).
 
         Args:
-            x: float32 or bfloat16 ``[tokens, hidden]``; hidden and dtype are the same on every rank.
+            x: float32 or bfloat16 ``[tokens, hidden]``, or an FP8 pair ``(float8_e4m3fn [tokens, hidden],
+                float32 scales [tokens, hidden / 128])`` (:func:`xmoe.quantize_fp8`); hidden and dtype
+                are the same on every rank.
             handle: a previous dispatch's handle: repeat its routing (cached mode); the
                 layout arguments and top-k are then not passed.
             num_tokens_per_rank: int32 ``[ranks]`` from :meth:`get_dispatch_layout`.
@@ -234,7 +252,8 @@ class Buffer:
 
         Returns:
             ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``:
-            ``recv_x`` ``[recv, hidden]`` ordered by source rank then source token;
+            ``recv_x`` ``[recv, hidden]`` ordered by source rank then source token (an FP8 pair
+            of rows and scales for an FP8 ``x``; combine then takes bfloat16 rows);
             ``recv_topk_idx`` int64 ``[recv, k]`` local expert ids (-1: not on this rank);
             ``recv_topk_weights`` float32 ``[recv, k]`` (0 where the id is -1), both None
             without top-k or in cached mode; a list of ints per local expert. ``recv`` is
@@ -242,14 +261,13 @@ class Buffer:
         """
         self._usable_state()
         config = self._config(config)
-        payload, origin = as_array(x, "x", raw=True)
-        _check_payload(payload, origin, "x")
+        payload, scales, origin = self._dispatch_payload(x)
         plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = payload.shape[0]
         if handle is not None:
             self._check_cached(handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                                topk_idx, topk_weights, num_worst_tokens)
-            recv_x = self._normal.cached_dispatch(payload, origin, handle, config, plan)
+            recv_x = self._normal.cached_dispatch(payload, scales, origin, handle, config, plan)
             return recv_x, None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
         alignment = _check_int("expert_alignment", expert_alignment, 1)
         num_worst_tokens = _check_int("num_worst_tokens", num_worst_tokens, 0)
@@ -262,9 +280,33 @@ class Buffer:
             raise ValueError("num_worst_tokens: required to capture a dispatch in a CUDA graph (without it the "
                              "host waits for the receive counts, which a capture never produces)")
         recv_x, recv_idx, recv_weights, per_expert, handle = self._normal.dispatch(
-            payload, origin, routing, num_local_experts, alignment, num_worst_tokens, config, plan)
+            payload, scales, origin, routing, num_local_experts, alignment, num_worst_tokens, config, plan)
         return (recv_x, recv_idx if topk_idx is not None else None,
                 recv_weights if topk_weights is not None else None, per_expert, handle, plan.finish())
+
+    @staticmethod
+    def _dispatch_payload(x: Any) -> tuple[Any, Any, Origin]:
+        """``x`` checked, as kernel arrays: the rows, their FP8 scales (``[tokens, 0]`` without FP8)
+        and the rows' origin."""
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise ValueError(f"x: expected a tensor or a (float8_e4m3fn rows, float32 scales) pair, got a tuple "
+                                 f"of {len(x)}")
+            payload, origin = as_array(x[0], "x[0]", raw=True)
+            _check_array(payload, origin, "x[0]", FLOAT8_E4M3, (None, None), " (FP8 rows)")
+            tokens, hidden = payload.shape
+            if hidden % FP8_GROUP:
+                raise ValueError(f"x[0]: hidden {hidden} is not a multiple of {FP8_GROUP} (one scale per "
+                                 f"{FP8_GROUP} channels)")
+            scales, scales_origin = as_array(x[1], "x[1]", raw=True)
+            _check_array(scales, scales_origin, "x[1]", np.float32, (tokens, hidden // FP8_GROUP),
+                         " (one scale per token per 128 channels)")
+            return payload, scales, origin
+        from xmoe.ep.normal import empty
+
+        payload, origin = as_array(x, "x", raw=True)
+        _check_payload(payload, origin, "x")
+        return payload, empty((payload.shape[0], 0), np.float32), origin
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                       topk_idx, topk_weights, num_worst_tokens) -> None:

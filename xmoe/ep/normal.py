@@ -57,7 +57,7 @@ def _unused_by_cached_dispatch() -> dict[str, Any]:
 
 
 #: The symmetric fields each kernel takes, per parity half (``x`` once per payload word type).
-_DISPATCH_FIELDS = ("x", "src_idx", "topk_idx", "topk_weights", "meta", "signals", "notify_signals")
+_DISPATCH_FIELDS = ("x", "src_idx", "topk_idx", "topk_weights", "scales", "meta", "signals", "notify_signals")
 _COMBINE_FIELDS = ("x", "topk_weights", "meta", "signals")
 
 
@@ -71,13 +71,13 @@ class NormalMode:
         self._launches: dict[tuple, Prepared] = {}
 
     # ------------------------------------------------------------- helpers
-    def layout(self, row_bytes: int, num_topk: int, rows: int, what: str) -> SymmetricLayout:
-        """The layout for ``rows`` per source of ``row_bytes`` and ``num_topk``; ``ValueError``
-        with the size needed when the block is too small."""
+    def layout(self, row_bytes: int, num_topk: int, rows: int, what: str, num_scales: int = 0) -> SymmetricLayout:
+        """The layout for ``rows`` per source of ``row_bytes``, ``num_topk`` and ``num_scales``;
+        ``ValueError`` with the size needed when the block is too small."""
         state = self.state
-        layout = state.layout(row_bytes, num_topk)
+        layout = state.layout(row_bytes, num_topk, num_scales)
         if layout is None or rows > layout.capacity:
-            need = size_hint(rows, state.num_ranks, row_bytes, num_topk)
+            need = size_hint(rows, state.num_ranks, row_bytes, num_topk, num_scales)
             raise ValueError(
                 f"num_nvl_bytes={state.nbytes} is too small for {what} of {rows} tokens per rank "
                 f"({row_bytes} bytes each, top-{num_topk}): it needs {need} bytes (Buffer.get_nvl_size_hint)")
@@ -116,16 +116,18 @@ class NormalMode:
         return meta, self.state.begin(call, meta, timeout_s)
 
     # ------------------------------------------------------------ dispatch
-    def dispatch(self, payload: Any, origin: Origin, routing: Routing, num_local_experts: int, alignment: int,
-                 num_worst_tokens: int, config: Config, plan: StreamPlan | HostPlan) -> tuple:
+    def dispatch(self, payload: Any, scales: Any, origin: Origin, routing: Routing, num_local_experts: int,
+                 alignment: int, num_worst_tokens: int, config: Config, plan: StreamPlan | HostPlan) -> tuple:
         """A dispatch without a handle (see ``Buffer.dispatch``): notify and send in one launch,
-        then the receive, or all three at once into ``num_worst_tokens`` rows."""
+        then the receive, or all three at once into ``num_worst_tokens`` rows. ``scales``: an
+        FP8 payload's float32 scales ``[tokens, hidden / 128]`` (``[tokens, 0]`` otherwise); the
+        received ones come back with ``recv_x`` as a tuple."""
         state = self.state
         ranks = state.num_ranks
         num_tokens = payload.shape[0]
         idx, weights = routing.topk_idx, routing.topk_weights
         row_bytes = payload.shape[1] * payload.itemsize
-        layout = self.layout(row_bytes, idx.shape[1], num_tokens, "dispatch")
+        layout = self.layout(row_bytes, idx.shape[1], num_tokens, "dispatch", scales.shape[1])
         words = as_words(payload)
         meta, seq = self._begin("dispatch", origin, row_bytes, idx.shape[1], num_local_experts, config.timeout_s)
         # the handle's arrays in one allocation: send slots, receive offsets, room for the
@@ -135,13 +137,14 @@ class NormalMode:
                                   raw=True)[0]
         send_slot = part(handle_block, 0, (num_tokens, ranks))
         recv_offsets = part(handle_block, num_tokens * ranks, (ranks + 1,))
-        sends = dict(x=words, topk_idx=idx, topk_weights=weights, is_token_in_rank=routing.is_token_in_rank,
+        sends = dict(x=words, x_scales=scales, topk_idx=idx, topk_weights=weights, is_token_in_rank=routing.is_token_in_rank,
                      num_tokens_per_rank=routing.num_tokens_per_rank, expert_counts=routing.num_tokens_per_expert,
                      send_slot=send_slot, recv_offsets=recv_offsets, call_id=seq)
         if num_worst_tokens:  # the outputs are sized already: everything in one launch, no waiting
             counts, per_expert, num_recv, phases = None, None, int(num_worst_tokens), NOTIFY | SEND | RECEIVE
         else:  # notify + send now; the receive once the host has sized the outputs from the counts
-            no_rows = dict(recv_x=empty((0, 0), words.dtype), recv_src_idx=empty((0,), np.int32),
+            no_rows = dict(recv_x=empty((0, 0), words.dtype), recv_x_scales=empty((0, 0), np.float32),
+                           recv_src_idx=empty((0,), np.int32),
                            recv_topk_idx=empty((0, 0), np.int64), recv_topk_weights=empty((0, 0), np.float32))
             self._dispatch_launch(NOTIFY | SEND, layout, words.dtype, words.dtype, meta, config,
                                   sends | no_rows)(plan.pointer, **sends, **no_rows)
@@ -154,9 +157,10 @@ class NormalMode:
         k = idx.shape[1]
         recv_idx, recv_idx_out = new_output((num_recv, k), np.int64, origin, raw=True)
         recv_weights, recv_weights_out = new_output((num_recv, k), np.float32, origin, raw=True)
+        recv_scales, recv_x_out = self._with_scales(recv_x_out, num_recv, scales.shape[1], origin)
         recv_words = as_words(recv_x)
-        receives = dict(recv_x=recv_words, recv_src_idx=recv_src_idx, recv_topk_idx=recv_idx,
-                        recv_topk_weights=recv_weights)
+        receives = dict(recv_x=recv_words, recv_x_scales=recv_scales, recv_src_idx=recv_src_idx,
+                        recv_topk_idx=recv_idx, recv_topk_weights=recv_weights)
         self._dispatch_launch(phases, layout, words.dtype, recv_words.dtype, meta, config,
                               sends | receives)(plan.pointer, **sends, **receives)
         handle = self._handle(counts, per_expert, num_recv, routing.is_token_in_rank, send_slot, recv_offsets,
@@ -164,22 +168,33 @@ class NormalMode:
         state.raise_on_error()
         return recv_x_out(), recv_idx_out(), recv_weights_out(), list(handle.num_recv_tokens_per_expert_list), handle
 
-    def cached_dispatch(self, payload: Any, origin: Origin, handle: DispatchHandle, config: Config,
+    def cached_dispatch(self, payload: Any, scales: Any, origin: Origin, handle: DispatchHandle, config: Config,
                         plan: StreamPlan | HostPlan) -> Any:
-        """A dispatch that repeats ``handle``'s routing with a new payload: one launch; ``recv_x``."""
+        """A dispatch that repeats ``handle``'s routing with a new payload (``scales`` as in
+        :meth:`dispatch`): one launch; ``recv_x``."""
         recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin, bits_of(origin),
                                         raw=True)
+        recv_scales, recv_x_out = self._with_scales(recv_x_out, handle.num_recv, scales.shape[1], origin)
         words, recv_words = as_words(payload), as_words(recv_x)
         row_bytes = payload.shape[1] * payload.itemsize
-        layout = self.layout(row_bytes, 0, payload.shape[0], "dispatch")
+        layout = self.layout(row_bytes, 0, payload.shape[0], "dispatch", scales.shape[1])
         meta, _ = self._begin("dispatch", origin, row_bytes, 0, handle.num_local_experts, config.timeout_s)
-        args = dict(x=words, send_slot=handle.send_slot, recv_offsets=handle.recv_offsets, recv_x=recv_words,
-                    recv_src_idx=handle.recv_src_idx)
+        args = dict(x=words, x_scales=scales, send_slot=handle.send_slot, recv_offsets=handle.recv_offsets,
+                    recv_x=recv_words, recv_x_scales=recv_scales, recv_src_idx=handle.recv_src_idx)
         launch = self._dispatch_launch(SEND | RECEIVE, layout, words.dtype, recv_words.dtype, meta, config, args,
                                        _unused_by_cached_dispatch)
         launch(plan.pointer, **args)
         self.state.raise_on_error()
         return recv_x_out()
+
+    @staticmethod
+    def _with_scales(recv_x_out: Any, rows: int, num_scales: int, origin: Origin) -> tuple[Any, Any]:
+        """The received scales' output (``[rows, 0]`` without FP8) and the function returning
+        ``recv_x`` as the caller sees it: with FP8, the tuple of rows and scales."""
+        if not num_scales:
+            return empty((rows, 0), np.float32), recv_x_out
+        recv_scales, recv_scales_out = new_output((rows, num_scales), np.float32, origin, raw=True)
+        return recv_scales, lambda: (recv_x_out(), recv_scales_out())
 
     def _handle(self, counts: np.ndarray | None, per_expert: np.ndarray | None, num_recv: int, in_rank: Any,
                 send_slot: Any, recv_offsets: Any, recv_src_idx: Any, alignment: int, num_local_experts: int,

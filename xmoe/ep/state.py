@@ -44,18 +44,18 @@ class BufferState:
         self.failure: str | None = None
         self.seq = 0
         self._last_call: tuple[str, tuple[int, ...], float] = ("dispatch", (), 0.0)
-        self._layouts: dict[tuple[int, int], SymmetricLayout | None] = {}
+        self._layouts: dict[tuple[int, int, int], SymmetricLayout | None] = {}
         self._halves: dict[tuple, tuple] = {}
         self._shapes: dict[tuple[int, ...], Any] = {}
 
     # ----------------------------------------------------------- the block
-    def layout(self, row_bytes: int, num_topk: int) -> SymmetricLayout | None:
-        """The layout of this block for calls of ``row_bytes`` and ``num_topk`` (computed once);
-        None when the block cannot hold even the control fields."""
-        key = (row_bytes, num_topk)
+    def layout(self, row_bytes: int, num_topk: int, num_scales: int = 0) -> SymmetricLayout | None:
+        """The layout of this block for calls of ``row_bytes``, ``num_topk`` and ``num_scales``
+        (computed once); None when the block cannot hold even the control fields."""
+        key = (row_bytes, num_topk, num_scales)
         if key not in self._layouts:
-            fits = capacity_for(self.nbytes, self.num_ranks, row_bytes, num_topk) >= 0
-            self._layouts[key] = symmetric_layout(self.nbytes, self.num_ranks, row_bytes, num_topk) if fits else None
+            fits = capacity_for(self.nbytes, self.num_ranks, *key) >= 0
+            self._layouts[key] = symmetric_layout(self.nbytes, self.num_ranks, *key) if fits else None
         return self._layouts[key]
 
     def halves(self, layout: SymmetricLayout, names: tuple[str, ...], words: tuple[np.dtype, np.dtype]) -> tuple:

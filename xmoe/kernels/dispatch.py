@@ -9,7 +9,7 @@ One kernel, three phases (a bit mask, so that a launch runs any of them in order
    peer, waits, bounded, for every peer's, and leaves the count matrix and per-expert
    counts in the Buffer's status words (the host sizes the outputs from them) and the
    receive offsets on the device.
-2. ``SEND``: every token row (payload words, source index, local top-k ids and weights)
+2. ``SEND``: every token row (payload words, FP8 scales, source index, local top-k ids and weights)
    goes straight into slot ``send_slot[t, dst]`` of this rank's region in each
    destination (stores or NVSHMEM puts); the block that finishes the last token raises
    the data signal in every destination.
@@ -134,8 +134,9 @@ def dispatch_kernel(transport: Transport) -> Any:
     """The dispatch kernel for ``transport`` (built, and compiled, on first use); see the module.
 
     ``halves``: for each parity half of the symmetric block, this rank's view of x (as
-    ``x``'s words), src_idx, topk_idx, topk_weights, meta, signals, notify signals, then
-    x again as ``recv_x``'s words; the call's number (:func:`call_number`) picks the half
+    ``x``'s words), src_idx, topk_idx, topk_weights, scales, meta, signals, notify signals,
+    then x again as ``recv_x``'s words; ``x_scales`` / ``recv_x_scales``: an FP8 payload's
+    float32 scales ``[rows, hidden / 128]`` (``[rows, 0]`` otherwise), moved with their rows; the call's number (:func:`call_number`) picks the half
     (``peers``: the byte offsets of the peers' blocks). ``call_shape``: int32, this call's
     meta words (``layout/symmetric.py``); ``call_id``: the host's number of the call, left in
     ``ready`` when the counts are. Rows past the received count (``recv_offsets[-1]``) are
@@ -149,16 +150,18 @@ def dispatch_kernel(transport: Transport) -> Any:
 
     @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
     def dispatch(
-        phases, x, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, expert_counts, sent_per_rank,
-        send_slot, peers, halves, rank, calls, call_id, call_shape, work, timeout_ns, errors, ready, rank_counts,
-        recv_expert_counts, recv_offsets, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
+        phases, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, expert_counts,
+        sent_per_rank, send_slot, peers, halves, rank, calls, call_id, call_shape, work, timeout_ns, errors, ready,
+        rank_counts, recv_expert_counts, recv_offsets, recv_x, recv_x_scales, recv_src_idx, recv_topk_idx,
+        recv_topk_weights,
     ):
         seq = call_number(calls)
-        (local_x, local_src_idx, local_topk_idx, local_topk_weights, local_meta, local_signals, local_notify_signals,
-         field_x) = halves[1] if seq & 1 else halves[0]
+        (local_x, local_src_idx, local_topk_idx, local_topk_weights, local_scales, local_meta, local_signals,
+         local_notify_signals, field_x) = halves[1] if seq & 1 else halves[0]
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
         num_topk = topk_idx.shape[1]
+        num_scales = x_scales.shape[1]
         num_ranks = send_slot.shape[1]
         num_local_experts = call_shape[META_LOCAL_EXPERTS]
         slot_of = cuda.shared.array(1, np.int32)
@@ -199,6 +202,8 @@ def dispatch_kernel(transport: Transport) -> Any:
                                 weight = topk_weights[t, j] if local >= 0 else 0.0
                                 write_value(peers, local_topk_idx, dst, rank, slot, j, np.int32(local))
                                 write_value(peers, local_topk_weights, dst, rank, slot, j, np.float32(weight))
+                            for j in range(tid, num_scales, num_threads):
+                                write_value(peers, local_scales, dst, rank, slot, j, x_scales[t, j])
                             if tid == 0:
                                 write_value(peers, local_src_idx, dst, rank, slot, 0, np.int32(t))
                     sent += 1
@@ -226,6 +231,8 @@ def dispatch_kernel(transport: Transport) -> Any:
                             for j in range(tid, num_topk, num_threads):
                                 recv_topk_idx[row, j] = local_topk_idx[src, slot, j]
                                 recv_topk_weights[row, j] = local_topk_weights[src, slot, j]
+                            for j in range(tid, num_scales, num_threads):
+                                recv_x_scales[row, j] = local_scales[src, slot, j]
                             if tid == 0:
                                 recv_src_idx[row] = local_src_idx[src, slot, 0]
                         else:  # a padding row of worst-case outputs: routed nowhere

@@ -15,8 +15,8 @@ still agree on where everything lies:
   (each sender's call shape, :data:`META_FIELDS`, then its counts);
 - then one *region* of ``region_bytes`` per source rank. Source ``s`` writes only into
   region ``s`` of a receiver, and lays it out from its own call shape: ``src_idx`` int32
-  ``[cap, 1]``, ``topk_idx`` int32 ``[cap, k]``, ``topk_weights`` float32 ``[cap, k]``, ``x``
-  uint8 ``[cap, row_stride]``, where ``cap`` is the most rows of that shape the region holds.
+  ``[cap, 1]``, ``topk_idx`` int32 ``[cap, k]``, ``topk_weights`` float32 ``[cap, k]``, ``scales``
+  float32 ``[cap, s]`` (an FP8 row's scales; s = 0 otherwise), ``x`` uint8 ``[cap, row_stride]``, where ``cap`` is the most rows of that shape the region holds.
 
 Writers therefore never collide, whatever they passed; a receiver reads a region only
 after the sender's ``meta`` row (published with its signal) has matched its own call,
@@ -44,7 +44,7 @@ META_CALL, META_DTYPE, META_ROW_BYTES, META_TOPK, META_LOCAL_EXPERTS = range(len
 META_HEADER = len(META_FIELDS)
 #: Values of the meta row's "call" and "payload dtype" words.
 CALL_CODES = {"dispatch": 1, "combine": 2}
-DTYPE_CODES = {"float32": 1, "bfloat16": 2}
+DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float8_e4m3fn": 3}
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -104,12 +104,14 @@ def row_stride(row_bytes: int) -> int:
     return round_up(row_bytes, ROW_ALIGNMENT)
 
 
-def region_parts(capacity: int, row_bytes: int, num_topk: int) -> tuple[list[tuple[str, Any, tuple, int]], int]:
+def region_parts(capacity: int, row_bytes: int, num_topk: int,
+                 num_scales: int = 0) -> tuple[list[tuple[str, Any, tuple, int]], int]:
     """The fields of one source's region, ``(name, dtype, row shape, offset in the region)``,
     and the bytes the region needs (a multiple of FIELD_ALIGNMENT)."""
     parts, offset = [], 0
     for name, dtype, row in (("src_idx", np.int32, (1,)), ("topk_idx", np.int32, (num_topk,)),
-                             ("topk_weights", np.float32, (num_topk,)), ("x", np.uint8, (row_stride(row_bytes),))):
+                             ("topk_weights", np.float32, (num_topk,)), ("scales", np.float32, (num_scales,)),
+                             ("x", np.uint8, (row_stride(row_bytes),))):
         parts.append((name, dtype, row, offset))
         offset = round_up(offset + capacity * row[0] * np.dtype(dtype).itemsize, FIELD_ALIGNMENT)
     return parts, offset
@@ -169,14 +171,14 @@ class SymmetricLayout:
                                    strides=f.strides) for f in self.fields.values()}
 
 
-def capacity_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> int:
+def capacity_for(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int, num_scales: int = 0) -> int:
     """The most tokens per source that a block of ``nbytes`` holds (-1: not even 0)."""
     region = region_bytes(nbytes, num_ranks)
     if region < 0:
         return -1
-    per_row = 4 + 8 * num_topk + row_stride(row_bytes)  # src_idx, topk_idx + weights, x
+    per_row = 4 + 8 * num_topk + 4 * num_scales + row_stride(row_bytes)  # src_idx, top-k, scales, x
     capacity = region // per_row  # an upper bound: the fields' padding may take a few rows off
-    while capacity > 0 and region_parts(capacity, row_bytes, num_topk)[1] > region:
+    while capacity > 0 and region_parts(capacity, row_bytes, num_topk, num_scales)[1] > region:
         capacity -= 1
     return capacity
 
@@ -190,20 +192,24 @@ def _check_sizes(num_ranks: int, **sizes: int) -> None:
         raise ValueError(f"num_ranks={num_ranks}: must be >= 1")
 
 
-def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int) -> SymmetricLayout:
-    """The layout of a block of ``nbytes`` for calls of ``row_bytes`` and ``num_topk`` (see the module)."""
-    _check_sizes(num_ranks, nbytes=nbytes, row_bytes=row_bytes, num_topk=num_topk)
-    capacity = capacity_for(nbytes, num_ranks, row_bytes, num_topk)
+def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int,
+                     num_scales: int = 0) -> SymmetricLayout:
+    """The layout of a block of ``nbytes`` for calls of ``row_bytes``, ``num_topk`` and ``num_scales``
+    float32 scales a row (FP8 payloads; see the module)."""
+    _check_sizes(num_ranks, nbytes=nbytes, row_bytes=row_bytes, num_topk=num_topk, num_scales=num_scales)
+    capacity = capacity_for(nbytes, num_ranks, row_bytes, num_topk, num_scales)
     if capacity < 0:
         raise ValueError(f"nbytes={nbytes}: too small for the control fields of {num_ranks} ranks")
     fields, control = control_fields(num_ranks)
     region = region_bytes(nbytes, num_ranks)
-    for name, dtype, row, offset in region_parts(capacity, row_bytes, num_topk)[0]:
+    for name, dtype, row, offset in region_parts(capacity, row_bytes, num_topk, num_scales)[0]:
         fields[name] = _contiguous(name, control + offset, dtype, (num_ranks, capacity) + row, region)
     return SymmetricLayout(num_ranks, capacity, row_bytes, num_topk, region, half_bytes(nbytes), fields)
 
 
-def size_hint(num_max_tokens: int, num_ranks: int, row_bytes: int, num_topk: int) -> int:
+def size_hint(num_max_tokens: int, num_ranks: int, row_bytes: int, num_topk: int, num_scales: int = 0) -> int:
     """Bytes of symmetric memory (both halves) a Buffer needs for up to ``num_max_tokens`` tokens per rank."""
-    _check_sizes(num_ranks, num_max_tokens=num_max_tokens, row_bytes=row_bytes, num_topk=num_topk)
-    return 2 * (control_fields(num_ranks)[1] + num_ranks * region_parts(num_max_tokens, row_bytes, num_topk)[1])
+    _check_sizes(num_ranks, num_max_tokens=num_max_tokens, row_bytes=row_bytes, num_topk=num_topk,
+                 num_scales=num_scales)
+    parts = region_parts(num_max_tokens, row_bytes, num_topk, num_scales)
+    return 2 * (control_fields(num_ranks)[1] + num_ranks * parts[1])
