@@ -1,8 +1,9 @@
 """Buffer: the DeepEP-shaped public face of layout, dispatch and combine.
 
 A Buffer checks every argument, owns one symmetric block of ``num_nvl_bytes`` on every
-rank (with the call bookkeeping of ``ep/state.py``) and hands each call to the host side
-of its mode: ``ep/normal.py`` for the normal (high-throughput) mode. Every call is
+rank (with the call bookkeeping of ``ep/state.py``) and hands dispatch and combine to the
+host side of their mode: ``ep/normal.py`` for the normal (high-throughput) mode; the
+layout step, which involves no peer, launches its kernel from here. Every call is
 collective: all ranks call the same sequence of dispatch/combine. Importing this module
 loads no kernel code, so the static helpers and ``help(xmoe.Buffer)`` work before
 ``xmoe.init()``.
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from xmoe import runtime
-from xmoe.comm.status import ERR_EXPERT_ID, ERR_LAYOUT, KIND_MASK, describe
+from xmoe.comm.status import ERR_EXPERT_ID, describe
 from xmoe.config import Config
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
@@ -60,6 +61,11 @@ def _check_payload(array: Any, origin: Origin, name: str, rows: int | None = Non
     if origin.dtype not in PAYLOAD_DTYPES:
         raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {origin.dtype}")
     _check_array(array, origin, name, origin.dtype, (rows, None), meaning)
+
+
+def _check_handle(handle: Any) -> None:
+    if not isinstance(handle, DispatchHandle):
+        raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
 
 
 class Buffer:
@@ -185,17 +191,16 @@ class Buffer:
         from xmoe.kernels.layout import launch_dispatch_layout
 
         launch_dispatch_layout(kernel_view(idx), num_experts, kernel_view(tokens_per_rank),
-                               kernel_view(tokens_per_expert), kernel_view(is_token_in_rank), state.status.errors,
-                               self._default_config.num_threads, plan.pointer)
+                               kernel_view(tokens_per_expert), kernel_view(is_token_in_rank),
+                               state.status.layout_errors, self._default_config.num_threads, plan.pointer)
         if not async_finish:
             plan.synchronize()
-            code, detail = state.status.error()
-            if code & KIND_MASK in (ERR_EXPERT_ID, ERR_LAYOUT):  # this rank's argument: no peer is involved
-                state.status.host[:2] = 0
-                if code == ERR_EXPERT_ID:
-                    t, j = divmod(detail, idx.shape[1])
-                    raise ValueError(f"topk_idx[{t}, {j}]={int(to_host(idx[t, j]))}: expert ids must be -1 or in "
-                                     f"[0, {num_experts})")
+            code, detail = state.status.layout_error(clear=True)  # this rank's argument: the Buffer stays usable
+            if code == ERR_EXPERT_ID:
+                t, j = divmod(detail, idx.shape[1])
+                raise ValueError(f"topk_idx[{t}, {j}]={int(to_host(idx[t, j]))}: expert ids must be -1 or in "
+                                 f"[0, {num_experts})")
+            if code:
                 raise ValueError(describe(code, detail, self.rank, "get_dispatch_layout", (), 0.0))
             state.raise_on_error()  # an earlier call's error that landed since this call began
         return per_rank_out(), None, per_expert_out(), in_rank_out(), plan.finish()
@@ -310,8 +315,7 @@ class Buffer:
 
     def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                       topk_idx, topk_weights, num_worst_tokens) -> None:
-        if not isinstance(handle, DispatchHandle):
-            raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
+        _check_handle(handle)
         passed = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
                                            ("is_token_in_rank", is_token_in_rank),
                                            ("num_tokens_per_expert", num_tokens_per_expert),
@@ -382,8 +386,7 @@ class Buffer:
         """
         self._usable_state()
         config = self._config(config)
-        if not isinstance(handle, DispatchHandle):
-            raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
+        _check_handle(handle)
         num_recv = handle.num_recv
         payload, origin = as_array(x, "x", raw=True)
         _check_payload(payload, origin, "x", num_recv, " (the rows dispatch returned)")

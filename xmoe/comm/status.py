@@ -40,9 +40,11 @@ LAYOUT_ERRORS = {
     LAYOUT_DUPLICATE: "topk_idx[{detail}] names one expert twice",
 }
 
-# Word positions: the error code, its detail, the host's number of the last call whose
-# counts have landed, the count matrix ``[ranks, ranks]`` (row = source), tokens per local expert.
-ERROR, DETAIL, READY, COUNTS = 0, 1, 2, 3
+# Word positions: the error code and its detail of the dispatch and combine kernels, those of
+# the layout kernel (its errors are this rank's arguments, not a peer's), the host's number of
+# the last call whose counts have landed, the count matrix ``[ranks, ranks]`` (row = source),
+# tokens per local expert.
+ERROR, DETAIL, LAYOUT_ERROR, LAYOUT_DETAIL, READY, COUNTS = range(6)
 
 
 class StatusWords:
@@ -50,7 +52,8 @@ class StatusWords:
 
     Attributes:
         host: every word as a NumPy array (reads see the kernels' stores as they land).
-        errors: int32 ``[2]``, the error code and its detail (kernels' view).
+        errors: int32 ``[2]``, the dispatch and combine kernels' error code and its detail.
+        layout_errors: int32 ``[2]``, the layout kernel's.
         ready: int32 ``[1]``, the number of the call whose counts were gathered last.
         rank_counts: int32 ``[ranks, ranks]``, tokens rank ``i`` sends to rank ``j``.
         expert_counts: int32 ``[MAX_LOCAL_EXPERTS]``, tokens received per local expert.
@@ -63,6 +66,7 @@ class StatusWords:
         self.host = words.host
         part = words.part
         self.errors = part(ERROR, (2,))
+        self.layout_errors = part(LAYOUT_ERROR, (2,))
         self.ready = part(READY, (1,))
         self.rank_counts = part(COUNTS, (num_ranks, num_ranks))
         self.expert_counts = part(COUNTS + num_ranks * num_ranks, (MAX_LOCAL_EXPERTS,))
@@ -72,8 +76,15 @@ class StatusWords:
         return COUNTS + num_ranks * num_ranks + MAX_LOCAL_EXPERTS
 
     def error(self) -> tuple[int, int]:
-        """The error code (0: none) and its detail."""
+        """The dispatch and combine kernels' error code (0: none) and its detail."""
         return int(self.host[ERROR]), int(self.host[DETAIL])
+
+    def layout_error(self, clear: bool = False) -> tuple[int, int]:
+        """The layout kernel's error code (0: none) and its detail; ``clear``: then forget it."""
+        code, detail = int(self.host[LAYOUT_ERROR]), int(self.host[LAYOUT_DETAIL])
+        if clear:
+            self.host[LAYOUT_ERROR : LAYOUT_DETAIL + 1] = 0
+        return code, detail
 
     def ready_call(self) -> int:
         """The host's number of the call whose counts were gathered last."""

@@ -13,8 +13,9 @@ class DispatchHandle(NamedTuple):
 
     ``rank_prefix_matrix`` and ``num_tokens_per_rank`` are host NumPy arrays (None after a
     dispatch with ``num_worst_tokens``: the host never learns the counts); the other
-    arrays live with the kernels (NumPy on the simulator; CuPy, or the caller's PyTorch
-    tensors, on the GPU).
+    arrays are the kernels' (NumPy on the simulator; on the GPU CuPy arrays, or
+    :class:`xmoe.interop.DeviceArray` views of memory from PyTorch's allocator for
+    PyTorch callers).
 
     Attributes:
         rank_prefix_matrix: int32 ``[ranks, ranks]``, ``[i][j]`` = tokens sent to rank j by ranks 0..i.

@@ -21,8 +21,8 @@ from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.ep.state import BufferState
 from xmoe.event import HostPlan, StreamPlan
 from xmoe.interop import DeviceArray, Origin, bits_of, data_pointer, kernel_view, new_output, part, xp
-from xmoe.kernels.combine import combine_kernel
-from xmoe.kernels.dispatch import NOTIFY, RECEIVE, SEND, dispatch_kernel
+from xmoe.kernels.combine import COMBINE_FIELDS, combine_kernel
+from xmoe.kernels.dispatch import DISPATCH_FIELDS, NOTIFY, RECEIVE, SEND, dispatch_kernel
 from xmoe.kernels.launch import Prepared
 from xmoe.layout.symmetric import CALL_CODES, DTYPE_CODES, SymmetricLayout, size_hint
 
@@ -56,9 +56,6 @@ def _unused_by_cached_dispatch() -> dict[str, Any]:
                 recv_topk_weights=empty((0, 0), np.float32))
 
 
-#: The symmetric fields each kernel takes, per parity half (``x`` once per payload word type).
-_DISPATCH_FIELDS = ("x", "src_idx", "topk_idx", "topk_weights", "scales", "meta", "signals", "notify_signals")
-_COMBINE_FIELDS = ("x", "topk_weights", "meta", "signals")
 
 
 class NormalMode:
@@ -103,7 +100,7 @@ class NormalMode:
                          timeout_ns=config.timeout_ns, errors=status.errors, ready=status.ready,
                          rank_counts=status.rank_counts, recv_expert_counts=status.expert_counts,
                          sent_per_rank=self._sent_per_rank, call_shape=state.call_shape(call_shape),
-                         halves=state.halves(layout, _DISPATCH_FIELDS, (word, recv_word)))
+                         halves=state.halves(layout, DISPATCH_FIELDS, (word, recv_word)))
             return Prepared(dispatch_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
                             fixed | unused() | args, tuple(args), spins=bool(phases & (RECEIVE | NOTIFY)))
 
@@ -237,7 +234,7 @@ class NormalMode:
         def build() -> Prepared:
             fixed = dict(peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
                          timeout_ns=config.timeout_ns, errors=state.status.errors, call_shape=state.call_shape(meta),
-                         halves=state.halves(layout, _COMBINE_FIELDS, (words.dtype, out_words.dtype)))
+                         halves=state.halves(layout, COMBINE_FIELDS, (words.dtype, out_words.dtype)))
             return Prepared(combine_kernel(transport(config.force_put), element, out_words.dtype), config.num_sms,
                             config.num_threads, fixed | args, tuple(args), spins=True)
 

@@ -3,7 +3,7 @@ the device's call counter and work counters, the status words, and the Buffer's 
 
 Every call is collective and numbered on the device (``comm.protocol.call_number``); the
 host numbers its calls too (``begin``), only to recognise the counts of its own dispatch
-in the status words and to name the call a late error report belongs to.
+in the status words, and remembers the last call begun to name it in an error report.
 """
 
 from __future__ import annotations
@@ -95,11 +95,19 @@ class BufferState:
         return self.seq
 
     def take_kernel_error(self) -> None:
-        """Record this Buffer's failure (once) when a kernel has left an error in the status words."""
+        """Record this Buffer's failure (once) when a kernel has left an error in the status words:
+        a dispatch or combine kernel's is named after the last call begun (an asynchronous call's
+        error may land during the next one), a layout kernel's after ``get_dispatch_layout``."""
+        if self.failure is not None:
+            return
         code, detail = self.status.error()
-        if code and self.failure is None:
+        if code:
             call, shape, timeout_s = self._last_call
             self.failure = describe(code, detail, self.rank, call, shape, timeout_s)
+            return
+        code, detail = self.status.layout_error()
+        if code:
+            self.failure = describe(code, detail, self.rank, "get_dispatch_layout", (), 0.0)
 
     def check_usable(self) -> None:
         """``RuntimeError`` when the Buffer failed earlier (a kernel's error included)."""

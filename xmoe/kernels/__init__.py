@@ -1,1 +1,1 @@
-"""Kernels, one module per family; each exposes launchers that take checked arguments."""
+"""Kernels, one module per family: each builds its kernels (or CUDA C) and declares their parameters once, by name."""

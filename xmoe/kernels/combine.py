@@ -24,6 +24,11 @@ from xmoe.kernels.launch import CAPPED_REGISTERS
 from xmoe.kernels.numerics import bf16_to_f32, f32_from_bits, f32_to_bf16, f32_to_bits
 
 
+#: The symmetric fields the combine kernel takes per parity half, in its order (``x`` as the
+#: sender's payload words; ``x`` again, as the words it reduces in, follows them).
+COMBINE_FIELDS = ("x", "topk_weights", "meta", "signals")
+
+
 @lru_cache(maxsize=None)
 def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> Any:
     """The combine kernel for ``transport`` and payload ``element`` (float32, or uint16
@@ -39,8 +44,8 @@ def combine_kernel(transport: Transport, element: np.dtype, word: np.dtype) -> A
     token sums in fp32, in rank order, the rows that came back for it (``send_slot[t, r]``
     locates them in ``field_x``, this rank's view as ``out``'s words), and rounds to the
     payload type. Blocks take rows and tokens as they come (see :func:`dispatch_kernel`).
-    ``halves``: per parity half, this rank's view of x (as ``x``'s words), topk_weights,
-    meta and signals, then ``field_x`` (``peers``: the byte offsets of the peers' blocks).
+    ``halves``: per parity half, this rank's view of the :data:`COMBINE_FIELDS` (x as ``x``'s
+    words), then ``field_x`` (``peers``: the byte offsets of the peers' blocks).
     The launch ends its call.
     """
     write_row, write_value = transport.write_row, transport.write_value

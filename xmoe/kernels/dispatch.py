@@ -129,13 +129,17 @@ def check_threads(num_threads: int) -> None:
         raise ValueError(f"num_threads={num_threads}: must be a power of two in [32, {SCAN_THREADS_MAX}]")
 
 
+#: The symmetric fields the dispatch kernel takes per parity half, in its order (``x`` as the
+#: sender's payload words; ``x`` again, as the receiver's, follows them).
+DISPATCH_FIELDS = ("x", "src_idx", "topk_idx", "topk_weights", "scales", "meta", "signals", "notify_signals")
+
+
 @lru_cache(maxsize=None)
 def dispatch_kernel(transport: Transport) -> Any:
     """The dispatch kernel for ``transport`` (built, and compiled, on first use); see the module.
 
-    ``halves``: for each parity half of the symmetric block, this rank's view of x (as
-    ``x``'s words), src_idx, topk_idx, topk_weights, scales, meta, signals, notify signals,
-    then x again as ``recv_x``'s words; ``x_scales`` / ``recv_x_scales``: an FP8 payload's
+    ``halves``: for each parity half of the symmetric block, this rank's view of the
+    :data:`DISPATCH_FIELDS` (x as ``x``'s words), then x again as ``recv_x``'s words; ``x_scales`` / ``recv_x_scales``: an FP8 payload's
     float32 scales ``[rows, hidden / 128]`` (``[rows, 0]`` otherwise), moved with their rows; the call's number (:func:`call_number`) picks the half
     (``peers``: the byte offsets of the peers' blocks). ``call_shape``: int32, this call's
     meta words (``layout/symmetric.py``); ``call_id``: the host's number of the call, left in

@@ -248,18 +248,15 @@ class Prepared:
         ctypes.memmove(self.parameters.values_address, b"".join(packed), compiled.num_bytes)
 
     def __call__(self, stream: int, **values: Any) -> None:
+        if len(values) != len(self.per_call) or not self.per_call.issuperset(values):
+            raise TypeError(f"this launch takes the per-call arguments {sorted(self.per_call)}, got {sorted(values)}")
         if SIMULATOR:
-            if not self.per_call.issuperset(values):
-                raise TypeError(f"{sorted(set(values) - self.per_call)}: not per-call arguments of this launch")
             args = dict(self.args, **values)
             self.kernel[self.blocks, self.threads](*(kernel_arg(a) for a in ordered(self.kernel, args)))
             return
         parameters = self.parameters
         for name, value in values.items():
-            slot = self.slots.get(name)
-            if slot is None:
-                raise TypeError(f"{name}: not a per-call argument of this launch")
-            offset, array = slot
+            offset, array = self.slots[name]
             if array is None:
                 _INT.pack_into(parameters.values, offset, value)
             else:

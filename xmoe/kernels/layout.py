@@ -76,13 +76,11 @@ def launch_dispatch_layout(
     """Fill the layout of ``topk_idx`` (int64 ``[tokens, k]``) into the given outputs.
 
     Outputs: ``tokens_per_rank`` int32 ``[ranks]``, ``tokens_per_expert`` int32
-    ``[experts]``, ``is_token_in_rank`` bool ``[tokens, ranks]``; ``errors`` int32 ``[2]``
+    ``[experts]`` (at most MAX_LOCAL_EXPERTS a rank: ``Buffer`` checks), ``is_token_in_rank`` bool
+    ``[tokens, ranks]``; ``errors`` int32 ``[2]``
     (zero before) receives the first bad entry as ``comm/status.py`` codes it.
     ``stream``: CUDA stream pointer (0: default).
     """
-    num_ranks = tokens_per_rank.shape[0]
-    if num_experts // num_ranks > MAX_LOCAL_EXPERTS:
-        raise ValueError(f"num_experts={num_experts}: at most {MAX_LOCAL_EXPERTS} experts per rank")
-    launch(dispatch_layout_kernel, num_ranks, num_threads, stream, topk_idx=topk_idx, num_experts=np.int64(num_experts),
+    launch(dispatch_layout_kernel, tokens_per_rank.shape[0], num_threads, stream, topk_idx=topk_idx, num_experts=np.int64(num_experts),
            tokens_per_rank=tokens_per_rank, tokens_per_expert=tokens_per_expert, is_token_in_rank=is_token_in_rank,
            errors=errors)

@@ -1,1 +1,1 @@
-"""Routing layouts (who sends what where) and the symmetric buffer layout."""
+"""Pure index math of the symmetric buffer: where every token of every peer lands (no kernel code)."""

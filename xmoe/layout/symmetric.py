@@ -40,7 +40,7 @@ ROW_ALIGNMENT = 16
 MAX_LOCAL_EXPERTS = 1024
 #: A sender's call shape, the first words of its meta row; receivers compare them with their own.
 META_FIELDS = ("call", "payload dtype", "row bytes", "top-k", "experts per rank")
-META_CALL, META_DTYPE, META_ROW_BYTES, META_TOPK, META_LOCAL_EXPERTS = range(len(META_FIELDS))
+META_LOCAL_EXPERTS = META_FIELDS.index("experts per rank")
 META_HEADER = len(META_FIELDS)
 #: Values of the meta row's "call" and "payload dtype" words.
 CALL_CODES = {"dispatch": 1, "combine": 2}
