@@ -380,7 +380,7 @@ def test_gpu_packed_arguments_match_numba():
     import cupy
     from numba import cuda
 
-    from xmoe.interop import DeviceArray
+    from xmoe.device_memory import DeviceArray
     from xmoe.kernels.launch import kernel_arg, pack
 
     @cuda.jit

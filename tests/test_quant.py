@@ -65,6 +65,26 @@ def test_quantize_and_back_match_reference(tokens, hidden, round_scale):
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize("round_scale", [0, 1])
+@pytest.mark.parametrize("tokens, hidden", [(1, 128), (3, 384)])
+def test_kernels_match_reference(tokens, hidden, round_scale):
+    """The Numba kernels themselves, on shapes small enough for the simulator (``xmoe.quantize_fp8``
+    runs the reference there), outputs poisoned first."""
+    from xmoe.kernels.quant import dequantize_kernel, quantize_kernel
+
+    x = _rows(tokens + hidden + round_scale, tokens, hidden)
+    out = np.full((tokens, hidden), 0xEE, np.uint8)
+    scales = np.full((tokens, hidden // 128), np.nan, np.float32)
+    launch(quantize_kernel, 1, 32, x=x.view(np.uint16), round_scale=round_scale, out=out, scales=scales)
+    want_out, want_scales = reference.quantize_fp8(x, bool(round_scale))
+    np.testing.assert_array_equal(out, want_out.view(np.uint8))
+    np.testing.assert_array_equal(scales.view(np.uint32), want_scales.view(np.uint32))
+    back = np.full((tokens, hidden), 0xFEFE, np.uint16)
+    launch(dequantize_kernel, 1, 32, x=out, scales=scales, out=back)
+    np.testing.assert_array_equal(back, reference.dequantize_fp8(want_out, want_scales).view(np.uint16))
+
+
+@pytest.mark.sim
 def test_every_e4m3_value_and_rounding_ties():
     """The device conversions on every e4m3 code, and float32 values on and between them (the
     midpoints round to even), against ml_dtypes."""

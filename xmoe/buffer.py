@@ -20,18 +20,8 @@ from xmoe.comm.status import ERR_EXPERT_ID, describe
 from xmoe.config import Config
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import (
-    BFLOAT16,
-    FLOAT8_E4M3,
-    Origin,
-    as_array,
-    dtype_name,
-    kernel_view,
-    new_output,
-    on_gpu,
-    to_host,
-    xp,
-)
+from xmoe.device_memory import kernel_view, on_gpu, xp
+from xmoe.interop import BFLOAT16, FLOAT8_E4M3, Origin, as_array, dtype_name, new_output, to_host
 from xmoe.layout.symmetric import MAX_LOCAL_EXPERTS, size_hint
 
 #: Payloads of dispatch and combine; an FP8 dispatch takes ``(float8_e4m3fn rows, float32 scales)``.
@@ -225,10 +215,11 @@ class Buffer:
 
         The layout arguments must come from :meth:`get_dispatch_layout` of this ``topk_idx``
         (or agree with it): the kernel checks that ``is_token_in_rank`` matches the ranks
-        ``topk_idx`` names and that ``num_tokens_per_rank`` counts its columns (a mismatch
-        raises ``RuntimeError``); ``num_tokens_per_expert`` is taken as given (it only sizes
-        the per-expert list), and ``topk_idx`` must not name an expert twice in a row
-        (:meth:`get_dispatch_layout` checks that).
+        ``topk_idx`` names (a mismatch raises ``RuntimeError``). ``num_tokens_per_rank`` is
+        checked for its shape only: the kernel counts ``is_token_in_rank``'s columns itself and
+        the handle's counts come from that count. ``num_tokens_per_expert`` is taken as given
+        (it only sizes the per-expert list), and ``topk_idx`` must not name an expert twice in
+        a row (:meth:`get_dispatch_layout` checks that).
 
         Args:
             x: float32 or bfloat16 ``[tokens, hidden]``, or an FP8 pair ``(float8_e4m3fn [tokens, hidden],
@@ -358,7 +349,7 @@ class Buffer:
             _check_array(weights, origin, "topk_weights", np.float32, idx.shape, " (topk_idx's)")
         else:
             weights = kernel_view(xp().zeros(idx.shape, np.float32))
-        return Routing(in_rank, per_rank, expert_counts, idx, weights), num_local_experts
+        return Routing(in_rank, expert_counts, idx, weights), num_local_experts
 
     # --------------------------------------------------------------- combine
     def combine(

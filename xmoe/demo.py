@@ -106,7 +106,7 @@ def torch_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]
 
 def backend_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
     """NumPy in and out on the simulator; CUDA PyTorch tensors on the GPU."""
-    from xmoe.interop import on_gpu
+    from xmoe.device_memory import on_gpu
 
     return torch_io() if on_gpu() else (identity, identity)
 

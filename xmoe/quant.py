@@ -5,8 +5,11 @@ Each token's 128-channel group gets the scale ``max(amax, 1e-4) / 448`` (448: th
 e4m3 value), or that scale rounded up to a power of two with ``round_scale=True`` (what
 UE8M0 scales hold); the group is stored as ``x * (1 / scale)`` rounded to nearest e4m3.
 NumPy callers get ``ml_dtypes.float8_e4m3fn`` arrays, PyTorch callers ``torch.float8_e4m3fn``
-tensors. No ``xmoe.init()`` needed: the kernels run on the default backend (the GPU, or
-Numba's CUDA simulator).
+tensors. No ``xmoe.init()`` needed. On the GPU the Numba kernels of ``kernels/quant.py`` run;
+on the simulator backend their NumPy twins in ``reference.py`` do (as for the router and the
+grouped GEMM): every device-function call of a simulated thread takes one lock, and a cast of
+a few thousand groups took minutes under that lock's convoy. ``tests/test_quant.py`` runs the
+kernels themselves on the simulator, on small shapes, against the same reference.
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from xmoe.interop import as_array, kernel_view, new_output, on_gpu
+from xmoe import reference
+from xmoe.device_memory import kernel_view, on_gpu
+from xmoe.interop import BFLOAT16, FLOAT8_E4M3, as_array, new_output
 
 _THREADS = 256
 
 
-def _stream(framework: str) -> int:
-    if not on_gpu():
-        return 0
+def _launch_shape(framework: str, work: int) -> tuple[int, int, int]:
+    """Blocks and threads for ``work`` threads, and the caller's current stream."""
     from xmoe.event import current_stream
 
-    return current_stream(framework).ptr
+    return -(-work // _THREADS), _THREADS, current_stream(framework).ptr
 
 
 def quantize_fp8(x: Any, round_scale: bool = False) -> tuple[Any, Any]:
@@ -51,8 +55,11 @@ def quantize_fp8(x: Any, round_scale: bool = False) -> tuple[Any, Any]:
     out, out_finish = new_output((tokens, hidden), np.uint8, origin, "float8_e4m3fn", raw=True)
     scales, scales_finish = new_output((tokens, hidden // GROUP), np.float32, origin, raw=True)
     work = tokens * (hidden // GROUP)
-    if work:
-        launch(quantize_kernel, -(-work // _THREADS), _THREADS, _stream(origin.framework), x=kernel_view(array),
+    if not on_gpu():
+        want_out, want_scales = reference.quantize_fp8(array.view(BFLOAT16), round_scale)
+        out[...], scales[...] = want_out.view(np.uint8), want_scales
+    elif work:
+        launch(quantize_kernel, *_launch_shape(origin.framework, work), x=kernel_view(array),
                round_scale=int(bool(round_scale)), out=out, scales=scales)
     return out_finish(), scales_finish()
 
@@ -80,7 +87,10 @@ def dequantize_fp8(x_fp8: Any, scales: Any) -> Any:
         raise ValueError(f"scales: expected float32 [{tokens}, {hidden // GROUP}], got {scale_origin.dtype} "
                          f"{list(scale_array.shape)}")
     out, out_finish = new_output((tokens, hidden), np.uint16, origin, "bfloat16", raw=True)
-    if tokens * hidden:
-        launch(dequantize_kernel, -(-(tokens * hidden) // _THREADS), _THREADS, _stream(origin.framework),
+    work = tokens * (hidden // GROUP)
+    if not on_gpu():
+        out[...] = reference.dequantize_fp8(array.view(FLOAT8_E4M3), scale_array).view(np.uint16)
+    elif work:
+        launch(dequantize_kernel, *_launch_shape(origin.framework, work),
                x=kernel_view(array), scales=kernel_view(scale_array), out=out)
     return out_finish()

@@ -31,12 +31,10 @@ ERR_EXPERT_ID = 5 << 20
 KIND_MASK = 0xF << 20
 
 #: The layout inconsistencies a dispatch kernel checks (the field of an ``ERR_LAYOUT``).
-LAYOUT_IN_RANK, LAYOUT_PER_RANK, LAYOUT_DUPLICATE = 0, 1, 2
+LAYOUT_IN_RANK, LAYOUT_DUPLICATE = 0, 1
 LAYOUT_ERRORS = {
     LAYOUT_IN_RANK: "is_token_in_rank[{detail}, {peer}] disagrees with topk_idx[{detail}] (which experts of rank "
                     "{peer} it names)",
-    LAYOUT_PER_RANK: "num_tokens_per_rank[{peer}] is not the number of tokens is_token_in_rank sends to rank {peer} "
-                     "({detail})",
     LAYOUT_DUPLICATE: "topk_idx[{detail}] names one expert twice",
 }
 
@@ -60,7 +58,7 @@ class StatusWords:
     """
 
     def __init__(self, num_ranks: int, words: Any) -> None:
-        """``words``: an :class:`xmoe.interop.HostWords` of :meth:`length` words."""
+        """``words``: an :class:`xmoe.device_memory.HostWords` of :meth:`length` words."""
         self.num_ranks = num_ranks
         self._words = words
         self.host = words.host

@@ -14,7 +14,7 @@ class DispatchHandle(NamedTuple):
     ``rank_prefix_matrix`` and ``num_tokens_per_rank`` are host NumPy arrays (None after a
     dispatch with ``num_worst_tokens``: the host never learns the counts); the other
     arrays are the kernels' (NumPy on the simulator; on the GPU CuPy arrays, or
-    :class:`xmoe.interop.DeviceArray` views of memory from PyTorch's allocator for
+    :class:`xmoe.device_memory.DeviceArray` views of memory from PyTorch's allocator for
     PyTorch callers).
 
     Attributes:
@@ -49,7 +49,6 @@ class Routing(NamedTuple):
     """A dispatch's checked routing arguments as kernel arrays (see ``Buffer.dispatch``)."""
 
     is_token_in_rank: Any
-    num_tokens_per_rank: Any
     num_tokens_per_expert: Any
     topk_idx: Any
     topk_weights: Any

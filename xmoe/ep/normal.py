@@ -20,7 +20,8 @@ from xmoe.config import Config
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.ep.state import BufferState
 from xmoe.event import HostPlan, StreamPlan
-from xmoe.interop import DeviceArray, Origin, bits_of, data_pointer, kernel_view, new_output, part, xp
+from xmoe.device_memory import DeviceArray, data_pointer, kernel_view, part, xp
+from xmoe.interop import Origin, bits_of, new_output
 from xmoe.kernels.combine import COMBINE_FIELDS, combine_kernel
 from xmoe.kernels.dispatch import DISPATCH_FIELDS, NOTIFY, RECEIVE, SEND, dispatch_kernel
 from xmoe.kernels.launch import Prepared
@@ -51,8 +52,7 @@ def empty(shape: tuple[int, ...], dtype: type) -> Any:
 def _unused_by_cached_dispatch() -> dict[str, Any]:
     """The dispatch kernel's arguments that a cached dispatch (send + receive, no top-k) does not read."""
     return dict(topk_idx=empty((0, 0), np.int64), topk_weights=empty((0, 0), np.float32),
-                is_token_in_rank=empty((0, 0), np.bool_), num_tokens_per_rank=empty((0,), np.int32),
-                expert_counts=empty((0,), np.int32), call_id=0, recv_topk_idx=empty((0, 0), np.int64),
+                is_token_in_rank=empty((0, 0), np.bool_), expert_counts=empty((0,), np.int32), call_id=0, recv_topk_idx=empty((0, 0), np.int64),
                 recv_topk_weights=empty((0, 0), np.float32))
 
 
@@ -135,7 +135,7 @@ class NormalMode:
         send_slot = part(handle_block, 0, (num_tokens, ranks))
         recv_offsets = part(handle_block, num_tokens * ranks, (ranks + 1,))
         sends = dict(x=words, x_scales=scales, topk_idx=idx, topk_weights=weights, is_token_in_rank=routing.is_token_in_rank,
-                     num_tokens_per_rank=routing.num_tokens_per_rank, expert_counts=routing.num_tokens_per_expert,
+                     expert_counts=routing.num_tokens_per_expert,
                      send_slot=send_slot, recv_offsets=recv_offsets, call_id=seq)
         if num_worst_tokens:  # the outputs are sized already: everything in one launch, no waiting
             counts, per_expert, num_recv, phases = None, None, int(num_worst_tokens), NOTIFY | SEND | RECEIVE

@@ -15,7 +15,7 @@ import numpy as np
 
 from xmoe.comm.protocol import WORK_WORDS
 from xmoe.comm.status import StatusWords, describe
-from xmoe.interop import HostWords, data_pointer, kernel_view, strided_view, xp
+from xmoe.device_memory import HostWords, data_pointer, kernel_view, strided_view, xp
 from xmoe.layout.symmetric import SymmetricLayout, capacity_for, symmetric_layout
 
 #: How long the host waits for a dispatch's counts beyond the call's own timeout (its

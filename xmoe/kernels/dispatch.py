@@ -51,7 +51,7 @@ from xmoe.comm.protocol import (
     wait_for_peers,
     wait_local,
 )
-from xmoe.comm.status import ERR_CAPACITY, ERR_LAYOUT, FIELD_SHIFT, LAYOUT_IN_RANK, LAYOUT_PER_RANK
+from xmoe.comm.status import ERR_CAPACITY, ERR_LAYOUT, FIELD_SHIFT, LAYOUT_IN_RANK
 from xmoe.kernels.launch import CAPPED_REGISTERS
 from xmoe.layout.symmetric import META_LOCAL_EXPERTS
 
@@ -99,10 +99,9 @@ def scan_column(is_token_in_rank, send_slot, tokens_per_rank, rank):
 
 
 @cuda.jit(device=True)
-def check_column(is_token_in_rank, topk_idx, num_tokens_per_rank, sent_per_rank, num_local_experts, rank, errors):
-    """Block-wide, after :func:`scan_column` of column ``rank``: report (``ERR_LAYOUT``) a token
-    whose flag for ``rank`` disagrees with the experts ``topk_idx`` names there (with top-k),
-    and a ``num_tokens_per_rank[rank]`` other than the column's count."""
+def check_column(is_token_in_rank, topk_idx, num_local_experts, rank, errors):
+    """Block-wide: report (``ERR_LAYOUT``) a token whose flag for ``rank`` disagrees with the
+    experts ``topk_idx`` names there (with top-k)."""
     first = rank * num_local_experts
     if topk_idx.shape[1] > 0:
         for t in range(cuda.threadIdx.x, is_token_in_rank.shape[0], cuda.blockDim.x):
@@ -113,8 +112,6 @@ def check_column(is_token_in_rank, topk_idx, num_tokens_per_rank, sent_per_rank,
                     routed = True
             if routed != is_token_in_rank[t, rank]:
                 report_error(errors, ERR_LAYOUT + (LAYOUT_IN_RANK << FIELD_SHIFT) + rank, t)
-    if cuda.threadIdx.x == 0 and num_tokens_per_rank[rank] != sent_per_rank[rank]:
-        report_error(errors, ERR_LAYOUT + (LAYOUT_PER_RANK << FIELD_SHIFT) + rank, sent_per_rank[rank])
 
 
 @cuda.jit(cache=True)
@@ -154,7 +151,7 @@ def dispatch_kernel(transport: Transport) -> Any:
 
     @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
     def dispatch(
-        phases, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank, expert_counts,
+        phases, x, x_scales, topk_idx, topk_weights, is_token_in_rank, expert_counts,
         sent_per_rank, send_slot, peers, halves, rank, calls, call_id, call_shape, work, timeout_ns, errors, ready,
         rank_counts, recv_expert_counts, recv_offsets, recv_x, recv_x_scales, recv_src_idx, recv_topk_idx,
         recv_topk_weights,
@@ -174,8 +171,7 @@ def dispatch_kernel(transport: Transport) -> Any:
             column = claim(work, WORK_NEXT_COLUMN, 1, slot_of)
             while column < num_ranks:
                 scan_column(is_token_in_rank, send_slot, sent_per_rank, column)
-                check_column(is_token_in_rank, topk_idx, num_tokens_per_rank, sent_per_rank, num_local_experts,
-                             column, errors)
+                check_column(is_token_in_rank, topk_idx, num_local_experts, column, errors)
                 cuda.threadfence()
                 if finished_last(work, WORK_SCANNED, 1, num_ranks, slot_of):
                     publish(peers, local_meta, local_notify_signals, rank, seq, call_shape, sent_per_rank,

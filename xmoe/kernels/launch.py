@@ -34,7 +34,7 @@ import numpy as np
 from numba import cuda
 
 from xmoe.comm.device import SIMULATOR
-from xmoe.interop import DeviceArray
+from xmoe.device_memory import DeviceArray
 
 if SIMULATOR:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray

@@ -52,10 +52,12 @@ def quantize_kernel(x, round_scale, out, scales):
 @cuda.jit(cache=True)
 def dequantize_kernel(x, scales, out):
     """``x`` uint8 (e4m3 bits) and ``scales`` float32 ``[tokens, hidden / 128]`` -> ``out`` uint16
-    (bfloat16 bits) ``[tokens, hidden]``; one thread an element."""
+    (bfloat16 bits) ``[tokens, hidden]``; one thread a (token, 128-channel group)."""
     i = cuda.grid(1)
-    hidden = x.shape[1]
-    if i < x.shape[0] * hidden:
-        t = i // hidden
-        c = i % hidden
-        out[t, c] = f32_to_bf16(e4m3_to_f32(x[t, c]) * scales[t, c // GROUP])
+    groups = scales.shape[1]
+    if i < x.shape[0] * groups:
+        t = i // groups
+        first = (i % groups) * GROUP
+        scale = scales[t, i % groups]
+        for c in range(first, first + GROUP):
+            out[t, c] = f32_to_bf16(e4m3_to_f32(x[t, c]) * scale)

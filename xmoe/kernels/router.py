@@ -17,7 +17,8 @@ import numpy as np
 
 from xmoe import reference
 from xmoe.event import current_stream
-from xmoe.interop import Origin, as_array, new_output, on_gpu, poisoned, to_origin, xp
+from xmoe.device_memory import on_gpu, xp
+from xmoe.interop import Origin, as_array, new_output, poisoned, to_origin
 from xmoe.kernels.cuda_c import PRELUDE
 
 MAX_EXPERTS = 1024

@@ -16,7 +16,8 @@ import numpy as np
 
 from xmoe import reference
 from xmoe.event import current_stream
-from xmoe.interop import as_array, new_output, on_gpu, xp
+from xmoe.device_memory import on_gpu, xp
+from xmoe.interop import as_array, new_output
 from xmoe.kernels.gemm import mma, wgmma
 from xmoe.kernels.gemm.autotune import Autotuner, row_bucket, shape_key
 from xmoe.kernels.gemm.spec import GemmConfig, GemmVariant, KernelSource
