@@ -253,3 +253,43 @@ def test_topk_rows_named_against_x(buffer, inputs):
     with pytest.raises(ValueError, match=rf"topk_idx: expected shape \[{TOKENS}, \*\], got \[{TOKENS - 1}, {TOPK}\] "
                                          rf"\(x's {TOKENS} tokens\)"):
         buffer.dispatch(**dispatch_args(inputs, topk_idx=inputs["topk_idx"][1:]))
+
+
+def test_deepep_names(group, inputs):
+    """What a DeepEP script calls: positional Config, set_num_sms, the recommended configs, capture,
+    allocate_on_comm_stream; the grid set by set_num_sms is the default config's."""
+    import xmoe
+
+    config = xmoe.Config(24, 6, 256, 6, 128)
+    assert (config.num_sms, config.nvl_chunk_size, config.nvl_buffer_size, config.rdma_chunk_size,
+            config.rdma_buffer_size) == (24, 6, 256, 6, 128)
+    with pytest.raises(TypeError):
+        xmoe.Config(24, 6, 256, 6, 128, 512)  # xmoe's own fields are keywords
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(TOKENS, HIDDEN, 1, EXPERTS, TOPK, np.float32))
+    try:
+        xmoe.Buffer.set_num_sms(3)
+        assert buffer._config(None).num_sms == 3
+        assert xmoe.Buffer.get_dispatch_config(1).num_sms == 3 and xmoe.Buffer.get_combine_config(1).num_sms == 3
+        event = buffer.capture()
+        recv_x, _, recv_w, _, handle, _ = buffer.dispatch(**inputs, config=config, previous_event=event,
+                                                          allocate_on_comm_stream=True)
+        buffer.combine(recv_x, handle, topk_weights=recv_w, allocate_on_comm_stream=True)
+        buffer.get_dispatch_layout(inputs["topk_idx"], EXPERTS, allocate_on_comm_stream=True)
+        with pytest.raises(ValueError, match="new_num_sms=0"):
+            xmoe.Buffer.set_num_sms(0)
+    finally:
+        xmoe.Buffer.num_sms = None
+        buffer.destroy()
+
+
+def test_buffer_takes_a_torch_process_group(group):
+    dist = pytest.importorskip("torch.distributed")
+    import xmoe
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29512", rank=0, world_size=1)
+    buffer = xmoe.Buffer(dist.group.WORLD, 1 << 16)
+    assert buffer.group is xmoe.get_group()
+    buffer.destroy()

@@ -11,6 +11,7 @@ loads no kernel code, so the static helpers and ``help(xmoe.Buffer)`` work befor
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,23 @@ def _check_payload(array: Any, origin: Origin, name: str, rows: int | None = Non
     _check_array(array, origin, name, origin.dtype, (rows, None), meaning)
 
 
+def _as_group(group: Any) -> runtime.Group:
+    """``group`` as the :class:`xmoe.Group`: itself, or for a ``torch.distributed`` process group of
+    every rank the group ``xmoe.init()`` returns; ``ValueError`` for anything else."""
+    if isinstance(group, runtime.Group):
+        runtime.get_group()
+        return group
+    if type(group).__module__.split(".")[0] == "torch" and hasattr(group, "size") and hasattr(group, "rank"):
+        xgroup = runtime.init()
+        if (group.size(), group.rank()) != (xgroup.world_size, xgroup.rank):
+            raise ValueError(f"group: a torch.distributed group of rank {group.rank()} of {group.size()}; xmoe's "
+                             f"Buffer spans every rank ({xgroup.rank} of {xgroup.world_size})")
+        return xgroup
+    runtime.get_group()
+    raise ValueError(f"group: expected the xmoe.Group that xmoe.init() returned or a torch.distributed process "
+                     f"group, got {type(group).__name__}")
+
+
 def _check_handle(handle: Any) -> None:
     if not isinstance(handle, DispatchHandle):
         raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
@@ -62,18 +80,21 @@ class Buffer:
     """Communication buffer for expert-parallel dispatch and combine.
 
     Args:
-        group: the :class:`xmoe.Group` that ``xmoe.init()`` returned.
+        group: the :class:`xmoe.Group` that ``xmoe.init()`` returned, or (as in DeepEP) a
+            ``torch.distributed`` process group of every rank (``xmoe.init()`` is then called
+            for you, under torchrun or mpirun).
         num_nvl_bytes: bytes of symmetric memory per rank for intranode traffic; see
             :meth:`get_nvl_size_hint`.
         num_rdma_bytes: internode buffer bytes; must be 0 (intranode only for now).
         low_latency_mode: must be False (the low-latency path is not built yet).
     """
 
-    def __init__(self, group: runtime.Group, num_nvl_bytes: int, num_rdma_bytes: int = 0,
+    #: The default grid of dispatch and combine (DeepEP's ``Buffer.num_sms``; None: the backend's).
+    num_sms: int | None = None
+
+    def __init__(self, group: Any, num_nvl_bytes: int, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False) -> None:
-        runtime.get_group()
-        if not isinstance(group, runtime.Group):
-            raise ValueError(f"group: expected the xmoe.Group that xmoe.init() returned, got {type(group).__name__}")
+        group = _as_group(group)
         num_nvl_bytes = _check_int("num_nvl_bytes", num_nvl_bytes, 1)
         if num_rdma_bytes != 0:
             raise ValueError(f"num_rdma_bytes={num_rdma_bytes}: internode (RDMA) buffers are not supported yet; pass 0")
@@ -89,9 +110,39 @@ class Buffer:
         self.num_nvl_bytes = num_nvl_bytes
         self._state: BufferState | None = BufferState(self.rank, self.num_ranks, get_heap(group).alloc(num_nvl_bytes))
         self._normal = NormalMode(self._state)
-        # what config=None means, resolved once: reading the environment costs a few us a call
-        self._default_config = Config().resolved(group.backend)
+        # what config=None means, resolved once per Buffer.num_sms: reading the environment
+        # costs a few us a call
+        self._default_config = (Buffer.num_sms, Config().resolved(group.backend, Buffer.num_sms))
         self._comm_stream = None
+
+    # -------------------------------------------------------- DeepEP's names
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the default grid (blocks) of every Buffer's dispatch and combine (DeepEP's name)."""
+        Buffer.num_sms = _check_int("new_num_sms", new_num_sms, 1)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's recommended dispatch config for ``num_ranks``: ``Buffer.num_sms`` and DeepEP's
+        intranode chunk sizes, which xmoe's kernels accept and do not read (see :class:`Config`)."""
+        _check_int("num_ranks", num_ranks, 1)
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """DeepEP's recommended combine config for ``num_ranks`` (see :meth:`get_dispatch_config`)."""
+        _check_int("num_ranks", num_ranks, 1)
+        return Config(Buffer.num_sms, 6, 256, 6, 128)
+
+    def capture(self) -> EventOverlap:
+        """An event on the caller's current stream, to pass as ``previous_event`` (DeepEP's name;
+        the PyTorch stream under torch, CuPy's otherwise; nothing to wait for on the simulator)."""
+        if not on_gpu():
+            return EventOverlap()
+        from xmoe.event import current_stream
+
+        framework = "torch" if "torch" in sys.modules else "cupy"
+        return EventOverlap(current_stream(framework).record(), framework)
 
     # ----------------------------------------------------------------- sizes
     @staticmethod
@@ -130,9 +181,15 @@ class Buffer:
         return self._state
 
     def _config(self, config: Config | None) -> Config:
-        if config is not None and not isinstance(config, Config):
+        if config is None:
+            num_sms, default = self._default_config
+            if num_sms != Buffer.num_sms:
+                default = Config().resolved(self.group.backend, Buffer.num_sms)
+                self._default_config = (Buffer.num_sms, default)
+            return default
+        if not isinstance(config, Config):
             raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
-        return self._default_config if config is None else config.resolved(self.group.backend)
+        return config.resolved(self.group.backend, Buffer.num_sms)
 
     def _plan(self, framework: str, previous_event: EventOverlap | None, async_finish: bool) -> StreamPlan | HostPlan:
         check_previous_event(previous_event)
@@ -154,13 +211,16 @@ class Buffer:
 
     # ---------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx: Any, num_experts: int, previous_event: EventOverlap | None = None,
-                            async_finish: bool = False) -> tuple[Any, None, Any, Any, EventOverlap]:
+                            async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False) -> tuple[Any, None, Any, Any, EventOverlap]:
         """Count the tokens each rank and each expert receives from this rank.
 
         Args:
             topk_idx: int64 ``[tokens, k]``, expert ids in ``[0, num_experts)``, -1 for a masked
                 slot, no id twice in a row.
             num_experts: experts in total, a multiple of the rank count.
+            allocate_on_comm_stream: accepted for DeepEP scripts; outputs always come from the
+                caller's allocator.
             previous_event / async_finish: as in DeepEP (see :class:`EventOverlap`). Without
                 ``async_finish`` the call waits for its kernel and a bad ``topk_idx`` raises
                 ``ValueError`` here; with it nothing waits, and a bad ``topk_idx`` retires the
@@ -182,7 +242,7 @@ class Buffer:
 
         launch_dispatch_layout(kernel_view(idx), num_experts, kernel_view(tokens_per_rank),
                                kernel_view(tokens_per_expert), kernel_view(is_token_in_rank),
-                               state.status.layout_errors, self._default_config.num_threads, plan.pointer)
+                               state.status.layout_errors, self._config(None).num_threads, plan.pointer)
         if not async_finish:
             plan.synchronize()
             code, detail = state.status.layout_error(clear=True)  # this rank's argument: the Buffer stays usable
@@ -210,6 +270,7 @@ class Buffer:
         config: Config | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
     ) -> tuple[Any, Any, Any, list[int], DispatchHandle, EventOverlap]:
         """Send each token to every rank that holds one of its experts.
 
@@ -245,6 +306,8 @@ class Buffer:
             config: launch configuration; None for the defaults (with the environment as it was
                 when the Buffer was created: ``XMOE_TIMEOUT_S``, ``XMOE_FORCE_PUT``).
             previous_event / async_finish: as in DeepEP (see :class:`EventOverlap`).
+            allocate_on_comm_stream: accepted for DeepEP scripts; outputs always come from the
+                caller's allocator.
 
         Returns:
             ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``:
@@ -360,6 +423,7 @@ class Buffer:
         config: Config | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
     ) -> tuple[Any, Any, EventOverlap]:
         """Send every received row back to its source token and sum the copies.
 
@@ -368,7 +432,7 @@ class Buffer:
                 hidden and dtype are the same on every rank.
             handle: the dispatch's handle.
             topk_weights: float32 ``[recv, k]`` (k of the dispatch, when it had top-k) or None.
-            config / previous_event / async_finish: as in :meth:`dispatch`.
+            config / previous_event / async_finish / allocate_on_comm_stream: as in :meth:`dispatch`.
 
         Returns:
             ``(combined_x, combined_topk_weights, event)``: ``[tokens, hidden]`` in x's dtype,

@@ -1,9 +1,9 @@
-"""Kernel tunables: blocks, threads and the timeout of a cross-rank wait."""
+"""Kernel tunables: blocks, threads and the timeout of a cross-rank wait (DeepEP's ``Config``)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 from functools import lru_cache
 
 #: Defaults per backend. The simulator runs every thread as a Python thread, so it
@@ -17,10 +17,20 @@ DEFAULT_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class Config:
-    """Launch configuration of the dispatch/combine kernels (DeepEP's ``Config`` counterpart).
+    """Launch configuration of the dispatch/combine kernels.
+
+    DeepEP's positional form ``Config(num_sms, nvl_chunk_size, nvl_buffer_size,
+    rdma_chunk_size, rdma_buffer_size)`` is accepted; xmoe's own fields are keywords.
 
     Attributes:
-        num_sms: blocks of the bulk kernels (None: the backend's default).
+        num_sms: blocks of the bulk kernels (None: the backend's default, or
+            ``Buffer.set_num_sms``'s). DeepEP runs two channels an SM; xmoe's blocks take tokens
+            and rows as they come, so this is the grid size (cut to what may spin at once where
+            PEs share a GPU).
+        nvl_chunk_size, nvl_buffer_size, rdma_chunk_size, rdma_buffer_size: DeepEP's ring-buffer
+            sizes, in tokens. Accepted and kept for DeepEP scripts; xmoe's kernels do not read
+            them: a peer's rows land whole in their own region of the symmetric buffer (sized by
+            ``num_nvl_bytes``), with no ring buffer to chunk, and there is no RDMA path yet.
         num_threads: threads per block (None: the backend's default), at most 1024.
         timeout_s: how long a rank waits for a peer before raising ``RuntimeError``
             (None: ``XMOE_TIMEOUT_S`` from the environment, else 60 s).
@@ -29,6 +39,11 @@ class Config:
     """
 
     num_sms: int | None = None
+    nvl_chunk_size: int = 0
+    nvl_buffer_size: int = 0
+    rdma_chunk_size: int = 0
+    rdma_buffer_size: int = 0
+    _: KW_ONLY
     num_threads: int | None = None
     timeout_s: float | None = None
     force_put: bool | None = None
@@ -38,18 +53,21 @@ class Config:
         """``timeout_s`` in nanoseconds, as the kernels' waits take it (a resolved config)."""
         return int(self.timeout_s * 1e9)
 
-    def resolved(self, backend: str) -> "Config":
-        """This config with every None replaced by the default of ``backend``, checked."""
-        return _resolve(self, backend, os.environ.get("XMOE_TIMEOUT_S"), os.environ.get("XMOE_FORCE_PUT"))
+    def resolved(self, backend: str, num_sms: int | None = None) -> "Config":
+        """This config with every None replaced by the default of ``backend`` (``num_sms``: the
+        default grid instead of the backend's), checked."""
+        return _resolve(self, backend, num_sms, os.environ.get("XMOE_TIMEOUT_S"), os.environ.get("XMOE_FORCE_PUT"))
 
 
 @lru_cache(maxsize=64)
-def _resolve(config: Config, backend: str, env_timeout: str | None, env_force_put: str | None) -> Config:
-    """``Config.resolved``, once per config, backend and environment (it is on every call's path)."""
+def _resolve(config: Config, backend: str, num_sms: int | None, env_timeout: str | None,
+             env_force_put: str | None) -> Config:
+    """``Config.resolved``, once per config, backend, default grid and environment (it is on every
+    call's path)."""
     defaults = _DEFAULTS[backend]
     resolved = replace(
         config,
-        num_sms=config.num_sms if config.num_sms is not None else defaults["num_sms"],
+        num_sms=config.num_sms if config.num_sms is not None else num_sms or defaults["num_sms"],
         num_threads=config.num_threads if config.num_threads is not None else defaults["num_threads"],
         timeout_s=config.timeout_s if config.timeout_s is not None else float(env_timeout or DEFAULT_TIMEOUT_S),
         force_put=config.force_put if config.force_put is not None else env_force_put == "1",
