@@ -17,63 +17,25 @@ from typing import Any
 import numpy as np
 
 from xmoe import runtime
+from xmoe.arguments import (
+    PAYLOAD_DTYPES,
+    as_group,
+    check_array,
+    check_cached,
+    check_handle,
+    check_int,
+    check_payload,
+    check_routing,
+    dispatch_payload,
+    num_local_experts,
+)
 from xmoe.comm.status import ERR_EXPERT_ID, describe
 from xmoe.config import Config
-from xmoe.ep.handle import DispatchHandle, Routing
+from xmoe.device_memory import kernel_view, on_gpu
+from xmoe.ep.handle import DispatchHandle
 from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.device_memory import kernel_view, on_gpu, xp
-from xmoe.interop import BFLOAT16, FLOAT8_E4M3, Origin, as_array, dtype_name, new_output, to_host
-from xmoe.layout.symmetric import MAX_LOCAL_EXPERTS, size_hint
-
-#: Payloads of dispatch and combine; an FP8 dispatch takes ``(float8_e4m3fn rows, float32 scales)``.
-PAYLOAD_DTYPES = ("float32", "bfloat16")
-FP8_GROUP = 128  # channels per scale of an FP8 payload (xmoe.quantize_fp8's)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    """``value`` as an int; ``ValueError`` naming ``name`` unless it is an int ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r}: must be an int >= {low}")
-    return int(value)
-
-
-def _check_array(array: Any, origin: Origin, name: str, dtype: Any, shape: tuple[int | None, ...],
-                 meaning: str = "") -> None:
-    """``ValueError`` naming ``name`` unless ``array`` has ``dtype`` and ``shape`` (None: any size);
-    ``meaning`` says what the expected sizes are."""
-    if origin.dtype != dtype_name(dtype):
-        raise ValueError(f"{name}: expected dtype {dtype_name(dtype)}, got {origin.dtype}")
-    if len(array.shape) != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)):
-        wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name}: expected shape {wanted}, got {list(array.shape)}{meaning}")
-
-
-def _check_payload(array: Any, origin: Origin, name: str, rows: int | None = None, meaning: str = "") -> None:
-    if origin.dtype not in PAYLOAD_DTYPES:
-        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {origin.dtype}")
-    _check_array(array, origin, name, origin.dtype, (rows, None), meaning)
-
-
-def _as_group(group: Any) -> runtime.Group:
-    """``group`` as the :class:`xmoe.Group`: itself, or for a ``torch.distributed`` process group of
-    every rank the group ``xmoe.init()`` returns; ``ValueError`` for anything else."""
-    if isinstance(group, runtime.Group):
-        runtime.get_group()
-        return group
-    if type(group).__module__.split(".")[0] == "torch" and hasattr(group, "size") and hasattr(group, "rank"):
-        xgroup = runtime.init()
-        if (group.size(), group.rank()) != (xgroup.world_size, xgroup.rank):
-            raise ValueError(f"group: a torch.distributed group of rank {group.rank()} of {group.size()}; xmoe's "
-                             f"Buffer spans every rank ({xgroup.rank} of {xgroup.world_size})")
-        return xgroup
-    runtime.get_group()
-    raise ValueError(f"group: expected the xmoe.Group that xmoe.init() returned or a torch.distributed process "
-                     f"group, got {type(group).__name__}")
-
-
-def _check_handle(handle: Any) -> None:
-    if not isinstance(handle, DispatchHandle):
-        raise ValueError(f"handle: expected the DispatchHandle a dispatch returned, got {type(handle).__name__}")
+from xmoe.interop import BFLOAT16, as_array, dtype_name, new_output, to_host
+from xmoe.layout.symmetric import FP8_GROUP, size_hint
 
 
 class Buffer:
@@ -94,8 +56,8 @@ class Buffer:
 
     def __init__(self, group: Any, num_nvl_bytes: int, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False) -> None:
-        group = _as_group(group)
-        num_nvl_bytes = _check_int("num_nvl_bytes", num_nvl_bytes, 1)
+        group = as_group(group)
+        num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, 1)
         if num_rdma_bytes != 0:
             raise ValueError(f"num_rdma_bytes={num_rdma_bytes}: internode (RDMA) buffers are not supported yet; pass 0")
         if low_latency_mode:
@@ -119,19 +81,19 @@ class Buffer:
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
         """Set the default grid (blocks) of every Buffer's dispatch and combine (DeepEP's name)."""
-        Buffer.num_sms = _check_int("new_num_sms", new_num_sms, 1)
+        Buffer.num_sms = check_int("new_num_sms", new_num_sms, 1)
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """DeepEP's recommended dispatch config for ``num_ranks``: ``Buffer.num_sms`` and DeepEP's
         intranode chunk sizes, which xmoe's kernels accept and do not read (see :class:`Config`)."""
-        _check_int("num_ranks", num_ranks, 1)
+        check_int("num_ranks", num_ranks, 1)
         return Config(Buffer.num_sms, 6, 256, 6, 128)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
         """DeepEP's recommended combine config for ``num_ranks`` (see :meth:`get_dispatch_config`)."""
-        _check_int("num_ranks", num_ranks, 1)
+        check_int("num_ranks", num_ranks, 1)
         return Config(Buffer.num_sms, 6, 256, 6, 128)
 
     def capture(self) -> EventOverlap:
@@ -159,11 +121,11 @@ class Buffer:
             dtype: payload dtype of the widest call (float32, bfloat16, or float8_e4m3fn for FP8
                 rows with their scales).
         """
-        num_max_tokens = _check_int("num_max_tokens", num_max_tokens, 0)
-        hidden = _check_int("hidden", hidden, 1)
-        num_ranks = _check_int("num_ranks", num_ranks, 1)
-        num_experts = _check_int("num_experts", num_experts, 1)
-        num_topk = _check_int("num_topk", num_topk, 0)
+        num_max_tokens = check_int("num_max_tokens", num_max_tokens, 0)
+        hidden = check_int("hidden", hidden, 1)
+        num_ranks = check_int("num_ranks", num_ranks, 1)
+        num_experts = check_int("num_experts", num_experts, 1)
+        num_topk = check_int("num_topk", num_topk, 0)
         if num_experts % num_ranks:
             raise ValueError(f"num_experts={num_experts} is not divisible by num_ranks={num_ranks}")
         name = dtype_name(dtype)
@@ -201,14 +163,6 @@ class Buffer:
             self._comm_stream = cupy.cuda.Stream(non_blocking=True)
         return StreamPlan(framework, self._comm_stream, previous_event, async_finish)
 
-    def _num_local_experts(self, num_experts: Any) -> int:
-        num_experts = _check_int("num_experts", num_experts, 1)
-        if num_experts % self.num_ranks:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the {self.num_ranks} ranks")
-        if num_experts // self.num_ranks > MAX_LOCAL_EXPERTS:
-            raise ValueError(f"num_experts={num_experts}: at most {MAX_LOCAL_EXPERTS} experts per rank")
-        return num_experts // self.num_ranks
-
     # ---------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx: Any, num_experts: int, previous_event: EventOverlap | None = None,
                             async_finish: bool = False,
@@ -232,8 +186,8 @@ class Buffer:
         """
         state = self._usable_state()
         idx, origin = as_array(topk_idx, "topk_idx")
-        _check_array(idx, origin, "topk_idx", np.int64, (None, None))
-        self._num_local_experts(num_experts)
+        check_array(idx, origin, "topk_idx", np.int64, (None, None))
+        num_local_experts(num_experts, self.num_ranks)
         plan = self._plan(origin.framework, previous_event, async_finish)
         tokens_per_rank, per_rank_out = new_output(self.num_ranks, np.int32, origin)
         tokens_per_expert, per_expert_out = new_output(num_experts, np.int32, origin)
@@ -320,18 +274,19 @@ class Buffer:
         """
         self._usable_state()
         config = self._config(config)
-        payload, scales, origin = self._dispatch_payload(x)
+        payload, scales, origin = dispatch_payload(x)
         plan = self._plan(origin.framework, previous_event, async_finish)
         num_tokens = payload.shape[0]
         if handle is not None:
-            self._check_cached(handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                               topk_idx, topk_weights, num_worst_tokens)
+            check_cached(handle, num_tokens, self.num_ranks, num_tokens_per_rank=num_tokens_per_rank,
+                         is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                         topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=num_worst_tokens or None)
             recv_x = self._normal.cached_dispatch(payload, scales, origin, handle, config, plan)
             return recv_x, None, None, list(handle.num_recv_tokens_per_expert_list), handle, plan.finish()
-        alignment = _check_int("expert_alignment", expert_alignment, 1)
-        num_worst_tokens = _check_int("num_worst_tokens", num_worst_tokens, 0)
-        routing, num_local_experts = self._routing(num_tokens, num_tokens_per_rank, is_token_in_rank,
-                                                   num_tokens_per_expert, topk_idx, topk_weights)
+        alignment = check_int("expert_alignment", expert_alignment, 1)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, 0)
+        routing, experts_per_rank = check_routing(num_tokens, self.num_ranks, num_tokens_per_rank, is_token_in_rank,
+                                                  num_tokens_per_expert, topk_idx, topk_weights)
         from xmoe.kernels.dispatch import check_threads
 
         check_threads(config.num_threads)
@@ -339,80 +294,9 @@ class Buffer:
             raise ValueError("num_worst_tokens: required to capture a dispatch in a CUDA graph (without it the "
                              "host waits for the receive counts, which a capture never produces)")
         recv_x, recv_idx, recv_weights, per_expert, handle = self._normal.dispatch(
-            payload, scales, origin, routing, num_local_experts, alignment, num_worst_tokens, config, plan)
+            payload, scales, origin, routing, experts_per_rank, alignment, num_worst_tokens, config, plan)
         return (recv_x, recv_idx if topk_idx is not None else None,
                 recv_weights if topk_weights is not None else None, per_expert, handle, plan.finish())
-
-    @staticmethod
-    def _dispatch_payload(x: Any) -> tuple[Any, Any, Origin]:
-        """``x`` checked, as kernel arrays: the rows, their FP8 scales (``[tokens, 0]`` without FP8)
-        and the rows' origin."""
-        if isinstance(x, tuple):
-            if len(x) != 2:
-                raise ValueError(f"x: expected a tensor or a (float8_e4m3fn rows, float32 scales) pair, got a tuple "
-                                 f"of {len(x)}")
-            payload, origin = as_array(x[0], "x[0]", raw=True)
-            _check_array(payload, origin, "x[0]", FLOAT8_E4M3, (None, None), " (FP8 rows)")
-            tokens, hidden = payload.shape
-            if hidden % FP8_GROUP:
-                raise ValueError(f"x[0]: hidden {hidden} is not a multiple of {FP8_GROUP} (one scale per "
-                                 f"{FP8_GROUP} channels)")
-            scales, scales_origin = as_array(x[1], "x[1]", raw=True)
-            _check_array(scales, scales_origin, "x[1]", np.float32, (tokens, hidden // FP8_GROUP),
-                         " (one scale per token per 128 channels)")
-            return payload, scales, origin
-        from xmoe.ep.normal import empty
-
-        payload, origin = as_array(x, "x", raw=True)
-        _check_payload(payload, origin, "x")
-        return payload, empty((payload.shape[0], 0), np.float32), origin
-
-    def _check_cached(self, handle, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                      topk_idx, topk_weights, num_worst_tokens) -> None:
-        _check_handle(handle)
-        passed = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                                           ("is_token_in_rank", is_token_in_rank),
-                                           ("num_tokens_per_expert", num_tokens_per_expert),
-                                           ("topk_idx", topk_idx), ("topk_weights", topk_weights),
-                                           ("num_worst_tokens", num_worst_tokens or None)) if value is not None]
-        if passed:
-            raise ValueError(f"{', '.join(passed)}: not taken with handle= (cached dispatch repeats the handle's routing)")
-        if handle.is_token_in_rank.shape != (num_tokens, self.num_ranks):
-            raise ValueError(f"x: {num_tokens} tokens, but the handle routes {handle.is_token_in_rank.shape[0]} tokens "
-                             f"over {handle.is_token_in_rank.shape[1]} ranks")
-
-    def _routing(self, num_tokens, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                 topk_weights) -> tuple[Routing, int]:
-        """The routing arguments of a dispatch without a handle, checked, as kernel arrays, and
-        the experts per rank."""
-        missing = [name for name, value in (("num_tokens_per_rank", num_tokens_per_rank),
-                                            ("is_token_in_rank", is_token_in_rank),
-                                            ("num_tokens_per_expert", num_tokens_per_expert)) if value is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)}: required without handle= (from get_dispatch_layout)")
-        ranks = self.num_ranks
-        tokens = f" (x's {num_tokens} tokens)"
-        if topk_idx is not None:
-            idx, origin = as_array(topk_idx, "topk_idx", raw=True)
-            _check_array(idx, origin, "topk_idx", np.int64, (num_tokens, None), tokens)
-        else:
-            idx = kernel_view(xp().empty((num_tokens, 0), np.int64))
-        per_rank, origin = as_array(num_tokens_per_rank, "num_tokens_per_rank", raw=True)
-        _check_array(per_rank, origin, "num_tokens_per_rank", np.int32, (ranks,), f" ({ranks} ranks)")
-        in_rank, origin = as_array(is_token_in_rank, "is_token_in_rank", raw=True)
-        _check_array(in_rank, origin, "is_token_in_rank", np.bool_, (num_tokens, ranks),
-                     f" (x's {num_tokens} tokens, {ranks} ranks)")
-        expert_counts, origin = as_array(num_tokens_per_expert, "num_tokens_per_expert", raw=True)
-        _check_array(expert_counts, origin, "num_tokens_per_expert", np.int32, (None,))
-        num_local_experts = self._num_local_experts(expert_counts.shape[0])
-        if topk_weights is not None:
-            if topk_idx is None:
-                raise ValueError("topk_weights: passed without topk_idx")
-            weights, origin = as_array(topk_weights, "topk_weights", raw=True)
-            _check_array(weights, origin, "topk_weights", np.float32, idx.shape, " (topk_idx's)")
-        else:
-            weights = kernel_view(xp().zeros(idx.shape, np.float32))
-        return Routing(in_rank, expert_counts, idx, weights), num_local_experts
 
     # --------------------------------------------------------------- combine
     def combine(
@@ -441,14 +325,14 @@ class Buffer:
         """
         self._usable_state()
         config = self._config(config)
-        _check_handle(handle)
+        check_handle(handle)
         num_recv = handle.num_recv
         payload, origin = as_array(x, "x", raw=True)
-        _check_payload(payload, origin, "x", num_recv, " (the rows dispatch returned)")
+        check_payload(payload, origin, "x", num_recv, " (the rows dispatch returned)")
         weights = None
         if topk_weights is not None:
             weights, weights_origin = as_array(topk_weights, "topk_weights", raw=True)
-            _check_array(weights, weights_origin, "topk_weights", np.float32,
+            check_array(weights, weights_origin, "topk_weights", np.float32,
                          (num_recv, handle.num_topk or None), " (the dispatch's rows and top-k)")
         plan = self._plan(origin.framework, previous_event, async_finish)
         combined, combined_weights = self._normal.combine(payload, origin, weights, handle, config, plan)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from xmoe.layout.symmetric import FP8_GROUP
 from xmoe.kernels.numerics import (
     E4M3_MAX,
     bf16_to_f32,
@@ -22,8 +23,7 @@ from xmoe.kernels.numerics import (
     power_of_two_above,
 )
 
-#: Channels that share one scale.
-GROUP = 128
+GROUP = FP8_GROUP
 #: The smallest ``amax`` a scale is taken from (a group of zeros gets a finite scale).
 AMAX_FLOOR = 1e-4
 

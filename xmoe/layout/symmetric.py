@@ -36,6 +36,8 @@ import numpy as np
 FIELD_ALIGNMENT = 128
 #: Byte alignment of one token row inside the ``x`` field.
 ROW_ALIGNMENT = 16
+#: Channels that share one float32 scale in an FP8 row (the ``scales`` field holds a row's scales).
+FP8_GROUP = 128
 #: Most experts per rank: the meta row has room for the counts of this many.
 MAX_LOCAL_EXPERTS = 1024
 #: A sender's call shape, the first words of its meta row; receivers compare them with their own.
