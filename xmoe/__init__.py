@@ -33,6 +33,10 @@ _LAZY_COMPUTE = {"grouped_gemm": "xmoe.kernels.gemm", "GemmConfig": "xmoe.kernel
 
 
 def __getattr__(name: str) -> Any:
+    if name == "topk_idx_t":  # DeepEP's name for topk_idx's dtype
+        import torch
+
+        return torch.int64
     if name in _LAZY or name in _LAZY_COMPUTE:
         import importlib
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from xmoe import runtime
-from xmoe.device_memory import kernel_view, xp
+from xmoe.device_memory import empty, kernel_view, xp
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.interop import FLOAT8_E4M3, Origin, as_array, dtype_name
 from xmoe.layout.symmetric import FP8_GROUP, MAX_LOCAL_EXPERTS
@@ -90,8 +90,6 @@ def dispatch_payload(x: Any) -> tuple[Any, Any, Origin]:
         check_array(scales, scales_origin, "x[1]", np.float32, (tokens, hidden // FP8_GROUP),
                      " (one scale per token per 128 channels)")
         return payload, scales, origin
-    from xmoe.ep.normal import empty
-
     payload, origin = as_array(x, "x", raw=True)
     check_payload(payload, origin, "x")
     return payload, empty((payload.shape[0], 0), np.float32), origin

@@ -32,9 +32,10 @@ from xmoe.arguments import (
 from xmoe.comm.status import ERR_EXPERT_ID, describe
 from xmoe.config import Config
 from xmoe.device_memory import kernel_view, on_gpu
-from xmoe.ep.handle import DispatchHandle
-from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event
-from xmoe.interop import BFLOAT16, as_array, dtype_name, new_output, to_host
+from xmoe.ep.handle import DispatchHandle, LowLatencyHandle
+from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event, stream_pointer
+from xmoe.interop import BFLOAT16, as_array, dtype_name, framework_of, new_output, to_host
+from xmoe.layout.low_latency import low_latency_size_hint
 from xmoe.layout.symmetric import FP8_GROUP, size_hint
 
 
@@ -45,24 +46,39 @@ class Buffer:
         group: the :class:`xmoe.Group` that ``xmoe.init()`` returned, or (as in DeepEP) a
             ``torch.distributed`` process group of every rank (``xmoe.init()`` is then called
             for you, under torchrun or mpirun).
-        num_nvl_bytes: bytes of symmetric memory per rank for intranode traffic; see
-            :meth:`get_nvl_size_hint`.
-        num_rdma_bytes: internode buffer bytes; must be 0 (intranode only for now).
-        low_latency_mode: must be False (the low-latency path is not built yet).
+        num_nvl_bytes: bytes of symmetric memory per rank for the normal mode's dispatch and
+            combine (see :meth:`get_nvl_size_hint`); 0: no normal mode.
+        num_rdma_bytes: with ``low_latency_mode``, bytes of symmetric memory per rank for the
+            low-latency mode (see :meth:`get_low_latency_rdma_size_hint`); else 0 (xmoe has no
+            internode normal mode yet).
+        low_latency_mode: allocate the low-latency block (:meth:`low_latency_dispatch`).
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric,
+            explicitly_destroy: DeepEP's transport options, accepted for its scripts: xmoe's
+            peers are the PEs of one NVSHMEM job (stores where the GPUs reach each other, puts
+            elsewhere), and a Buffer is released by :meth:`destroy` or when it is collected.
     """
 
     #: The default grid of dispatch and combine (DeepEP's ``Buffer.num_sms``; None: the backend's).
     num_sms: int | None = None
 
-    def __init__(self, group: Any, num_nvl_bytes: int, num_rdma_bytes: int = 0,
-                 low_latency_mode: bool = False) -> None:
+    def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False) -> None:
         group = as_group(group)
-        num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, 1)
-        if num_rdma_bytes != 0:
-            raise ValueError(f"num_rdma_bytes={num_rdma_bytes}: internode (RDMA) buffers are not supported yet; pass 0")
-        if low_latency_mode:
-            raise ValueError("low_latency_mode=True: the low-latency path is not supported yet")
+        num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, 0)
+        num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        if num_rdma_bytes and not low_latency_mode:
+            raise ValueError(f"num_rdma_bytes={num_rdma_bytes}: internode (RDMA) normal-mode buffers are not supported "
+                             f"yet; pass 0, or low_latency_mode=True to size the low-latency block")
+        if enable_shrink:
+            raise ValueError("enable_shrink=True: masking failed ranks out (DeepEP's shrink mode) is not supported")
+        if low_latency_mode and not num_rdma_bytes:
+            raise ValueError("low_latency_mode=True: pass num_rdma_bytes (Buffer.get_low_latency_rdma_size_hint)")
+        if not (num_nvl_bytes or low_latency_mode):
+            raise ValueError("num_nvl_bytes=0: a Buffer needs num_nvl_bytes (normal mode) or low_latency_mode=True")
         from xmoe.comm import get_heap
+        from xmoe.ep.low_latency import LowLatencyMode
         from xmoe.ep.normal import NormalMode
         from xmoe.ep.state import BufferState
 
@@ -70,8 +86,15 @@ class Buffer:
         self.rank = group.rank
         self.num_ranks = group.world_size
         self.num_nvl_bytes = num_nvl_bytes
-        self._state: BufferState | None = BufferState(self.rank, self.num_ranks, get_heap(group).alloc(num_nvl_bytes))
-        self._normal = NormalMode(self._state)
+        heap = get_heap(group)
+        self._destroyed = False
+        self._state: BufferState | None = None
+        self._low_latency: LowLatencyMode | None = None
+        if num_nvl_bytes:
+            self._state = BufferState(self.rank, self.num_ranks, heap.alloc(num_nvl_bytes))
+            self._normal = NormalMode(self._state)
+        if low_latency_mode:
+            self._low_latency = LowLatencyMode(BufferState(self.rank, self.num_ranks, heap.alloc(num_rdma_bytes)))
         # what config=None means, resolved once per Buffer.num_sms: reading the environment
         # costs a few us a call
         self._default_config = (Buffer.num_sms, Config().resolved(group.backend, Buffer.num_sms))
@@ -82,6 +105,11 @@ class Buffer:
     def set_num_sms(new_num_sms: int) -> None:
         """Set the default grid (blocks) of every Buffer's dispatch and combine (DeepEP's name)."""
         Buffer.num_sms = check_int("new_num_sms", new_num_sms, 1)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: FP8 payloads are supported on every backend (DeepEP's name)."""
+        return True
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
@@ -137,10 +165,22 @@ class Buffer:
     # --------------------------------------------------------------- helpers
     def _usable_state(self) -> Any:
         runtime.get_group()
-        if self._state is None:
+        if self._destroyed:
             raise RuntimeError("this Buffer was destroyed")
+        if self._state is None:
+            raise ValueError("this Buffer has no normal-mode memory: create it with num_nvl_bytes > 0")
         self._state.check_usable()
         return self._state
+
+    def _usable_low_latency(self) -> Any:
+        runtime.get_group()
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed")
+        if self._low_latency is None:
+            raise ValueError("this Buffer has no low-latency memory: create it with low_latency_mode=True and "
+                             "num_rdma_bytes (Buffer.get_low_latency_rdma_size_hint)")
+        self._low_latency.state.check_usable()
+        return self._low_latency
 
     def _config(self, config: Config | None) -> Config:
         if config is None:
@@ -338,12 +378,111 @@ class Buffer:
         combined, combined_weights = self._normal.combine(payload, origin, weights, handle, config, plan)
         return combined, combined_weights, plan.finish()
 
+    # ----------------------------------------------------------- low latency
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of ``num_rdma_bytes`` that low-latency calls of these sizes need (DeepEP's name;
+        no ``xmoe.init()`` needed): see ``layout/low_latency.py``."""
+        return low_latency_size_hint(check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1),
+                                     check_int("hidden", hidden, 1), check_int("num_ranks", num_ranks, 1),
+                                     check_int("num_experts", num_experts, 1))
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP's name: checks that the block holds low-latency calls of these sizes. Nothing needs
+        clearing: the low-latency signals carry the call's number, so the block is reused as it is."""
+        self._usable_low_latency().layout(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def low_latency_dispatch(self, x: Any, topk_idx: Any, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: Any = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False) -> tuple[Any, Any, Any, EventOverlap, Any]:
+        """Send each token to the owners of its top-k experts into per-expert slots (decode).
+
+        Runs on the caller's current stream with no host synchronisation, so it can be captured
+        in a CUDA graph. At most two calls' receives may be pending (two batches in flight).
+
+        Args:
+            x: bfloat16 ``[tokens, hidden]``, tokens <= ``num_max_dispatch_tokens_per_rank``, hidden a
+                multiple of 128 (of 512 with ``use_ue8m0``); the same hidden on every rank.
+            topk_idx: int64 ``[tokens, k]``, expert ids, -1 for none.
+            num_max_dispatch_tokens_per_rank: the most tokens any rank passes (the same on every rank).
+            num_experts: experts in total, a multiple of the ranks.
+            cumulative_local_expert_recv_stats: int32 ``[local experts]`` to which the tokens each
+                local expert received are added, or None.
+            use_fp8: send FP8 rows (cast in the kernel, one float32 scale per 128 channels, amax / 448).
+            round_scale: power-of-two scales. use_ue8m0: return them packed, four exponent bytes per int32.
+            async_finish: return an event recorded after the call (the work is on the caller's stream).
+            return_recv_hook: only send now; calling the returned hook receives.
+
+        Returns:
+            ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` ``[local experts, ranks * max tokens,
+            hidden]`` bfloat16, or with FP8 a tuple of float8_e4m3fn rows and float32 scales
+            ``[..., hidden / 128]`` (int32 ``[..., hidden / 512]`` with ``use_ue8m0``); expert ``e``'s rows are
+            its first ``recv_count[e]`` (int32 ``[local experts]``), source after source; ``handle``: a
+            :class:`xmoe.ep.handle.LowLatencyHandle` (``handle[0]``: each row's source token, ``handle[1]``:
+            int64 ``[local experts, ranks]`` = first row << 32 | rows, as DeepEP's); ``hook``: receives
+            (a no-op without ``return_recv_hook``).
+        """
+        mode = self._usable_low_latency()
+        num_local_experts(num_experts, self.num_ranks)
+        framework = framework_of(x)
+        received, recv_count, handle, hook = mode.dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+            bool(use_fp8), bool(round_scale), bool(use_ue8m0), bool(return_recv_hook), self._config(None),
+            stream_pointer(framework))
+        return received, recv_count, handle, self._low_latency_event(framework, async_finish), hook
+
+    def low_latency_combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: LowLatencyHandle,
+                            use_logfmt: bool = False, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Any = None) -> tuple[Any, EventOverlap, Any]:
+        """Send the experts' outputs back to their tokens and sum them with the top-k weights.
+
+        Args:
+            x: bfloat16 ``[local experts, ranks * max tokens, hidden]``, rows as the dispatch returned them.
+            topk_idx / topk_weights: int64 / float32 ``[tokens, k]``: the dispatch's routing and weights.
+            handle: the dispatch's handle.
+            use_logfmt: must be False (LogFMT is not supported).
+            zero_copy: x was written into :meth:`get_next_low_latency_combine_buffer` already (x is not read).
+            async_finish / return_recv_hook: as in :meth:`low_latency_dispatch`.
+            out: bfloat16 ``[tokens, hidden]`` to write into, or None.
+
+        Returns:
+            ``(combined_x, event, hook)``: bfloat16 ``[tokens, hidden]``, each token the float32 sum of
+            its experts' rows times their weights (masked ids skipped).
+        """
+        mode = self._usable_low_latency()
+        if use_logfmt:
+            raise ValueError("use_logfmt=True: LogFMT combine is not supported; pass use_logfmt=False")
+        if not isinstance(handle, LowLatencyHandle):
+            raise ValueError(f"handle: expected the handle low_latency_dispatch returned, got {type(handle).__name__}")
+        framework = framework_of(x)
+        combined, hook = mode.combine(x, topk_idx, topk_weights, handle, bool(zero_copy), out, bool(return_recv_hook),
+                                      self._config(None), stream_pointer(framework))
+        return combined, self._low_latency_event(framework, async_finish), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> Any:
+        """The bfloat16 ``[local experts, ranks * max tokens, hidden]`` symmetric buffer that a
+        ``zero_copy=True`` combine reads its rows from (as the dispatch's framework)."""
+        return self._usable_low_latency().next_combine_buffer(handle)
+
+    @staticmethod
+    def _low_latency_event(framework: str, async_finish: bool) -> EventOverlap:
+        """An event after a low-latency call's work (on the caller's stream) with ``async_finish``."""
+        if not (async_finish and on_gpu()):
+            return EventOverlap()
+        from xmoe.event import current_stream
+
+        return EventOverlap(current_stream(framework).record(), framework)
+
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:
-        """Free the symmetric block (collective: every rank calls it)."""
+        """Free the symmetric blocks (collective: every rank calls it)."""
         if self._state is not None:
             self._state.free()
-            self._state = None
+        if self._low_latency is not None:
+            self._low_latency.state.free()
+        self._state, self._low_latency, self._destroyed = None, None, True
 
     def __enter__(self) -> "Buffer":
         return self

@@ -139,6 +139,13 @@ def kernel_view(array: Any) -> Any:
     return DeviceArray(array.data.ptr, tuple(array.shape), array.dtype, array)
 
 
+@lru_cache(maxsize=64)
+def empty(shape: tuple[int, ...], dtype: type) -> Any:
+    """An empty kernel array of ``shape`` (a zero in it): the arguments a launch does not use,
+    and the top-k arrays of a call without top-k (``[rows, 0]``)."""
+    return kernel_view(xp().empty(shape, dtype))
+
+
 class HostWords:
     """int32 words that kernels write and the host reads with no copy and no synchronisation:
     mapped pinned host memory on the GPU, a NumPy array on the simulator.

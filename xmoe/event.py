@@ -43,6 +43,15 @@ def current_stream(framework: str) -> Any:
     return cupy.cuda.get_current_stream()
 
 
+def stream_pointer(framework: str) -> int:
+    """The caller's current stream as a pointer (PyTorch's for PyTorch tensors; 0 on the simulator)."""
+    from xmoe.device_memory import on_gpu
+
+    if not on_gpu():
+        return 0
+    return _torch_stream_pointer() if framework == "torch" else current_stream(framework).ptr
+
+
 class EventOverlap:
     """Completion of a dispatch/combine call (DeepEP's ``EventOverlap``).
 
@@ -99,7 +108,7 @@ class StreamPlan:
         waits = previous_event is not None and previous_event.event is not None
         if not (async_finish or waits):  # the common call: only the caller's stream pointer is needed
             self.stream = None
-            self.pointer = _torch_stream_pointer() if framework == "torch" else current_stream(framework).ptr
+            self.pointer = stream_pointer(framework)
             return
         compute = current_stream(framework)
         self.stream = comm_stream if async_finish else compute

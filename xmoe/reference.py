@@ -256,3 +256,76 @@ def select_experts(
     topk_weights = (topk_weights * np.float32(scaling)).astype(np.float32)
     counts = np.bincount(topk_idx.ravel(), minlength=experts).astype(np.int32)
     return topk_idx.astype(np.int64), topk_weights, counts
+
+
+def low_latency_dispatch(xs: Sequence[np.ndarray], topk_idx: Sequence[np.ndarray],
+                         num_experts: int) -> list[dict[str, Any]]:
+    """What each rank receives from a low-latency dispatch (``layout/low_latency.py``).
+
+    Args:
+        xs: per rank, ``[tokens_r, hidden]`` rows (any dtype; moved bit for bit).
+        topk_idx: per rank, int64 ``[tokens_r, k]`` (-1: none).
+        num_experts: experts in total.
+
+    Returns:
+        per rank a dict: ``rows`` (per local expert ``[count, hidden]``, source after source, each
+        source's in the order of its ``topk_idx`` entries, row-major), ``src_info`` (per local
+        expert int32 ``[count]``), ``layout_range`` int64 ``[local experts, ranks]`` (first row << 32 |
+        rows), ``count`` int32 ``[local experts]``.
+    """
+    ranks = len(xs)
+    local = num_experts // ranks
+    results = []
+    for me in range(ranks):
+        rows, src_info = [], []
+        layout_range = np.zeros((local, ranks), np.int64)
+        for e in range(local):
+            expert_rows, expert_src, first = [], [], 0
+            for src in range(ranks):
+                tokens = [t for t, k in zip(*np.nonzero(topk_idx[src] == me * local + e))]  # row-major
+                layout_range[e, src] = (first << 32) | len(tokens)
+                first += len(tokens)
+                expert_rows += [xs[src][t] for t in tokens]
+                expert_src += tokens
+            rows.append(np.array(expert_rows, xs[0].dtype).reshape(len(expert_rows), xs[0].shape[1]))
+            src_info.append(np.array(expert_src, np.int32))
+        results.append(dict(rows=rows, src_info=src_info, layout_range=layout_range,
+                            count=np.array([len(s) for s in src_info], np.int32)))
+    return results
+
+
+def low_latency_combine(expert_rows: Sequence[Sequence[np.ndarray]], topk_idx: Sequence[np.ndarray],
+                        topk_weights: Sequence[np.ndarray], num_experts: int) -> list[np.ndarray]:
+    """What each rank gets back from a low-latency combine.
+
+    Args:
+        expert_rows: per rank, per local expert, the expert's output rows ``[count, hidden]`` in the
+            order :func:`low_latency_dispatch` received them.
+        topk_idx / topk_weights: per rank, int64 / float32 ``[tokens_r, k]`` of the dispatch.
+
+    Returns:
+        per rank, bfloat16 ``[tokens_r, hidden]``: each token's sum over k, in float32 and in k order,
+        of ``weight * row``; a masked id adds nothing.
+    """
+    ranks = len(expert_rows)
+    local = num_experts // ranks
+    rows_of = {}  # (source rank, token, global expert) -> row, from the dispatch's order
+    for owner in range(ranks):
+        for e in range(local):
+            expert = owner * local + e
+            position = 0
+            for src in range(ranks):
+                for t, _ in zip(*np.nonzero(topk_idx[src] == expert)):
+                    rows_of[(src, t, expert)] = expert_rows[owner][e][position]
+                    position += 1
+    results = []
+    for me, idx in enumerate(topk_idx):
+        hidden = expert_rows[0][0].shape[1]
+        out = np.zeros((idx.shape[0], hidden), np.float32)
+        for t in range(idx.shape[0]):
+            for k in range(idx.shape[1]):
+                if idx[t, k] >= 0:
+                    row = rows_of[(me, t, int(idx[t, k]))].astype(np.float32)
+                    out[t] = out[t] + np.float32(topk_weights[me][t, k]) * row
+        results.append(out.astype(ml_dtypes.bfloat16))
+    return results

@@ -52,3 +52,26 @@ class Routing(NamedTuple):
     num_tokens_per_expert: Any
     topk_idx: Any
     topk_weights: Any
+
+
+class LowLatencyHandle(NamedTuple):
+    """What a low-latency combine needs from its dispatch (the first five entries as in DeepEP).
+
+    Attributes:
+        src_info: int32 ``[local experts, ranks * max tokens]`` (the caller's type): the source
+            token of every received row (rows past ``recv_count`` are not written).
+        layout_range: int64 ``[local experts, ranks]`` (the caller's type): source ``s``'s rows of
+            expert ``e`` are ``layout_range[e, s] >> 32`` onwards, ``layout_range[e, s] & 0xFFFFFFFF`` of them.
+        num_max_dispatch_tokens_per_rank, hidden, num_experts: the dispatch's sizes.
+        kernel_src_info, kernel_layout_range: the same two arrays as the kernels take them.
+        origin: the dispatch's payload origin (whose framework a zero-copy buffer is returned in).
+    """
+
+    src_info: Any
+    layout_range: Any
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    kernel_src_info: Any
+    kernel_layout_range: Any
+    origin: Any

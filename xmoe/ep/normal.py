@@ -10,7 +10,6 @@ waits for the GPU: for the counts that size its outputs.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from xmoe.config import Config
 from xmoe.ep.handle import DispatchHandle, Routing
 from xmoe.ep.state import BufferState
 from xmoe.event import HostPlan, StreamPlan
-from xmoe.device_memory import DeviceArray, data_pointer, kernel_view, part, xp
+from xmoe.device_memory import DeviceArray, data_pointer, empty, kernel_view, part, xp
 from xmoe.interop import Origin, bits_of, new_output
 from xmoe.kernels.combine import COMBINE_FIELDS, combine_kernel
 from xmoe.kernels.dispatch import DISPATCH_FIELDS, NOTIFY, RECEIVE, SEND, dispatch_kernel
@@ -40,13 +39,6 @@ def as_words(payload: Any) -> Any:
     if type(payload) is DeviceArray:
         return DeviceArray(payload.ptr, (payload.shape[0], row_bytes // word), _WORDS[word], payload.owner)
     return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(_WORDS[word])
-
-
-@lru_cache(maxsize=64)
-def empty(shape: tuple[int, ...], dtype: type) -> Any:
-    """An empty kernel array of ``shape`` (a zero in it): the arguments a launch does not use,
-    and the top-k arrays of a call without top-k (``[rows, 0]``)."""
-    return kernel_view(xp().empty(shape, dtype))
 
 
 def _unused_by_cached_dispatch() -> dict[str, Any]:
@@ -109,7 +101,7 @@ class NormalMode:
     def _begin(self, call: str, origin: Origin, row_bytes: int, num_topk: int, num_local_experts: int,
                timeout_s: float) -> tuple[tuple[int, ...], int]:
         """The call's meta words (``layout/symmetric.py``'s META_FIELDS) and the host's number of the call."""
-        meta = (CALL_CODES[call], DTYPE_CODES[origin.dtype], row_bytes, num_topk, num_local_experts)
+        meta = (CALL_CODES[call], DTYPE_CODES[origin.dtype], row_bytes, num_topk, num_local_experts, 0)
         return meta, self.state.begin(call, meta, timeout_s)
 
     # ------------------------------------------------------------ dispatch

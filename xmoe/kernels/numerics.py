@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from xmoe.layout.symmetric import FP8_GROUP
+
 
 @cuda.jit(device=True, inline=True)
 def bf16_to_f32(bits):
@@ -95,3 +97,24 @@ def power_of_two_above(value):
     if bits & np.uint32(0x7FFFFF):
         bits = (bits & np.uint32(0xFF800000)) + np.uint32(0x800000)
     return f32_from_bits(bits)
+
+
+#: The smallest ``amax`` an FP8 scale is taken from (a group of zeros gets a finite scale).
+AMAX_FLOOR = 1e-4
+
+
+@cuda.jit(device=True)
+def quantize_group(row, group, round_scale, out_row):
+    """One thread: channels ``[128 * group, 128 * (group + 1))`` of ``row`` (uint16, bfloat16 bits)
+    as e4m3 bits into ``out_row`` (uint8); returns the group's float32 scale."""
+    first = group * FP8_GROUP
+    amax = np.float32(AMAX_FLOOR)
+    for c in range(first, first + FP8_GROUP):
+        amax = max(amax, abs(bf16_to_f32(row[c])))
+    scale = amax / np.float32(E4M3_MAX)
+    if round_scale:
+        scale = power_of_two_above(scale)
+    inverse = np.float32(1.0) / scale
+    for c in range(first, first + FP8_GROUP):
+        out_row[c] = f32_to_e4m3(bf16_to_f32(row[c]) * inverse)
+    return scale

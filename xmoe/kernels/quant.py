@@ -10,22 +10,12 @@ the NumPy twins.
 
 from __future__ import annotations
 
-import numpy as np
 from numba import cuda
 
 from xmoe.layout.symmetric import FP8_GROUP
-from xmoe.kernels.numerics import (
-    E4M3_MAX,
-    bf16_to_f32,
-    e4m3_to_f32,
-    f32_to_bf16,
-    f32_to_e4m3,
-    power_of_two_above,
-)
+from xmoe.kernels.numerics import e4m3_to_f32, f32_to_bf16, quantize_group
 
 GROUP = FP8_GROUP
-#: The smallest ``amax`` a scale is taken from (a group of zeros gets a finite scale).
-AMAX_FLOOR = 1e-4
 
 
 @cuda.jit(cache=True)
@@ -36,17 +26,7 @@ def quantize_kernel(x, round_scale, out, scales):
     groups = scales.shape[1]
     if i < x.shape[0] * groups:
         t = i // groups
-        first = (i % groups) * GROUP
-        amax = np.float32(AMAX_FLOOR)
-        for c in range(first, first + GROUP):
-            amax = max(amax, abs(bf16_to_f32(x[t, c])))
-        scale = amax / np.float32(E4M3_MAX)
-        if round_scale:
-            scale = power_of_two_above(scale)
-        inverse = np.float32(1.0) / scale
-        for c in range(first, first + GROUP):
-            out[t, c] = f32_to_e4m3(bf16_to_f32(x[t, c]) * inverse)
-        scales[t, i % groups] = scale
+        scales[t, i % groups] = quantize_group(x[t], i % groups, round_scale, out[t])
 
 
 @cuda.jit(cache=True)

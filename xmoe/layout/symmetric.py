@@ -40,12 +40,13 @@ ROW_ALIGNMENT = 16
 FP8_GROUP = 128
 #: Most experts per rank: the meta row has room for the counts of this many.
 MAX_LOCAL_EXPERTS = 1024
-#: A sender's call shape, the first words of its meta row; receivers compare them with their own.
-META_FIELDS = ("call", "payload dtype", "row bytes", "top-k", "experts per rank")
+#: A sender's call shape, the first words of its meta row; receivers compare them with their own
+#: ("tokens per rank": the low-latency mode's slots per source, 0 in the normal mode).
+META_FIELDS = ("call", "payload dtype", "row bytes", "top-k", "experts per rank", "tokens per rank")
 META_LOCAL_EXPERTS = META_FIELDS.index("experts per rank")
 META_HEADER = len(META_FIELDS)
 #: Values of the meta row's "call" and "payload dtype" words.
-CALL_CODES = {"dispatch": 1, "combine": 2}
+CALL_CODES = {"dispatch": 1, "combine": 2, "low_latency_dispatch": 3, "low_latency_combine": 4}
 DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float8_e4m3fn": 3}
 
 
@@ -82,7 +83,7 @@ class Field:
         return self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.strides)) + self.dtype.itemsize
 
 
-def _contiguous(name: str, offset: int, dtype: Any, shape: tuple[int, ...], first_stride: int | None = None) -> Field:
+def contiguous_field(name: str, offset: int, dtype: Any, shape: tuple[int, ...], first_stride: int | None = None) -> Field:
     dtype = np.dtype(dtype)
     strides = [dtype.itemsize] * len(shape)
     for axis in range(len(shape) - 1, 0, -1):
@@ -97,7 +98,7 @@ def control_fields(num_ranks: int) -> tuple[dict[str, Field], int]:
     fields, offset = {}, 0
     for name, dtype, shape in (("signals", np.int64, (num_ranks,)), ("notify_signals", np.int64, (num_ranks,)),
                                ("meta", np.int32, (num_ranks, meta_length(num_ranks)))):
-        fields[name] = _contiguous(name, offset, dtype, shape)
+        fields[name] = contiguous_field(name, offset, dtype, shape)
         offset = round_up(fields[name].end, FIELD_ALIGNMENT)
     return fields, offset
 
@@ -205,7 +206,7 @@ def symmetric_layout(nbytes: int, num_ranks: int, row_bytes: int, num_topk: int,
     fields, control = control_fields(num_ranks)
     region = region_bytes(nbytes, num_ranks)
     for name, dtype, row, offset in region_parts(capacity, row_bytes, num_topk, num_scales)[0]:
-        fields[name] = _contiguous(name, control + offset, dtype, (num_ranks, capacity) + row, region)
+        fields[name] = contiguous_field(name, control + offset, dtype, (num_ranks, capacity) + row, region)
     return SymmetricLayout(num_ranks, capacity, row_bytes, num_topk, region, half_bytes(nbytes), fields)
 
 

@@ -1,0 +1,243 @@
+"""The low-latency mode's host side (decode): checks, outputs, launches, hooks and handles.
+
+Every call launches the kernels of ``kernels/low_latency.py`` on the caller's current
+stream through launches prepared once per call shape, and never waits for the GPU: the
+outputs are sized from ``num_max_dispatch_tokens_per_rank`` (``[local experts, ranks * max
+tokens, hidden]``, DeepEP's layout), so dispatch + combine can be captured in a CUDA graph.
+With ``return_recv_hook`` a call only sends; its hook launches the receive. The call's
+number lives on the device; the host only alternates the ``pending`` slot in which a send
+launch leaves it for its hook (so at most two calls may have a receive pending).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from xmoe.arguments import check_array, check_int
+from xmoe.comm.device import transport
+from xmoe.config import Config
+from xmoe.device_memory import DeviceArray, empty, kernel_view, strided_view, xp
+from xmoe.ep.handle import LowLatencyHandle
+from xmoe.ep.state import BufferState
+from xmoe.event import stream_pointer
+from xmoe.interop import BFLOAT16, as_array, new_output, to_origin
+from xmoe.kernels.launch import Prepared
+from xmoe.kernels.low_latency import (
+    LL_COMBINE_FIELDS,
+    LL_DISPATCH_FIELDS,
+    RECEIVE,
+    SEND,
+    ll_combine_kernel,
+    ll_dispatch_kernel,
+)
+from xmoe.layout.low_latency import LowLatencyLayout, low_latency_layout
+from xmoe.layout.symmetric import CALL_CODES, DTYPE_CODES, FP8_GROUP, Field
+
+#: Channels per packed UE8M0 word: four one-byte exponents of 128 channels each.
+UE8M0_GROUP = 4 * FP8_GROUP
+
+
+def words32(array: Any) -> Any:
+    """A C-contiguous array with its last axis re-read as uint32 words."""
+    shape = tuple(array.shape[:-1]) + (array.shape[-1] * array.dtype.itemsize // 4,)
+    if type(array) is DeviceArray:
+        return DeviceArray(array.ptr, shape, np.dtype(np.uint32), array.owner)
+    return array.view(np.uint32).reshape(shape)
+
+
+class LowLatencyMode:
+    """The low-latency mode of one Buffer (see the module); ``state``: its low-latency block."""
+
+    def __init__(self, state: BufferState) -> None:
+        self.state = state
+        self.pending = kernel_view(xp().zeros(2, np.int64))
+        self._calls = 0
+        self._layouts: dict[tuple[int, int, int], tuple[LowLatencyLayout, dict[str, Any]]] = {}
+        self._launches: dict[tuple, Prepared] = {}
+
+    # ------------------------------------------------------------- layout
+    def layout(self, num_max_tokens: int, hidden: int, num_experts: int) -> tuple[LowLatencyLayout, dict[str, Any]]:
+        """The layout of a call shape and this rank's views of its fields (made once); ``ValueError``
+        with the size needed when the block is too small."""
+        key = (num_max_tokens, hidden, num_experts)
+        found = self._layouts.get(key)
+        if found is None:
+            layout = low_latency_layout(num_max_tokens, hidden, self.state.num_ranks, num_experts)
+            if layout.nbytes > self.state.nbytes:
+                raise ValueError(
+                    f"num_rdma_bytes={self.state.nbytes} is too small for low-latency calls of {num_max_tokens} "
+                    f"tokens per rank, hidden {hidden} and {num_experts} experts: they need {layout.nbytes} bytes "
+                    f"(Buffer.get_low_latency_rdma_size_hint)")
+            found = self._layouts[key] = (layout, self._views(layout))
+        return found
+
+    def _views(self, layout: LowLatencyLayout) -> dict[str, Any]:
+        """Every field as the kernels take it (payload fields as uint32 words, ``combine_x`` also as
+        bfloat16 bits, ``send_x`` also as words)."""
+        def view(field: Field, dtype: Any = None) -> Any:
+            shape, strides = field.shape, field.strides
+            if dtype is not None:
+                dtype = np.dtype(dtype)
+                shape = shape[:-1] + (shape[-1] * field.dtype.itemsize // dtype.itemsize,)
+                strides = strides[:-1] + (dtype.itemsize,)
+            return strided_view(self.state.block.local, field.offset, shape, dtype or field.dtype, strides)
+
+        fields = layout.fields
+        views = {name: view(field) for name, field in fields.items()}
+        views |= dict(dispatch_x=view(fields["dispatch_x"], np.uint32), combine_words=view(fields["combine_x"], np.uint32),
+                      combine_bits=view(fields["combine_x"], np.uint16), send_words=view(fields["send_x"], np.uint32))
+        return views
+
+    def _slot(self) -> int:
+        """The ``pending`` slot of the next call (see the module)."""
+        self._calls += 1
+        return self._calls & 1
+
+    def _launch(self, key: tuple, build: Callable[[], Prepared]) -> Prepared:
+        prepared = self._launches.get(key)
+        if prepared is None:
+            prepared = self._launches[key] = build()
+        return prepared
+
+    def _fixed(self, views: dict[str, Any], names: tuple[str, ...], meta: tuple[int, ...], config: Config) -> dict:
+        state = self.state
+        return dict(peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
+                    pending=self.pending, timeout_ns=config.timeout_ns, errors=state.status.errors,
+                    call_shape=state.call_shape(meta)) | {name: views[name] for name in names}
+
+    def _run(self, key: tuple, build: Callable[[int], Callable[[], Prepared]], args: dict[str, Any], stream: int,
+             framework: str, return_recv_hook: bool) -> Callable[[], None]:
+        """Launch the call on ``stream``: send and receive at once, or the send now and the
+        receive by the returned hook, on the caller's current stream when it is called."""
+        if not return_recv_hook:
+            self._launch(key + (SEND | RECEIVE,), build(SEND | RECEIVE))(stream, **args)
+            self.state.raise_on_error()
+            return _no_hook
+        self._launch(key + (SEND,), build(SEND))(stream, **args)
+        self.state.raise_on_error()
+        receive = self._launch(key + (RECEIVE,), build(RECEIVE))
+
+        def hook() -> None:
+            receive(stream_pointer(framework), **args)
+            self.state.raise_on_error()
+
+        return hook
+
+    # ------------------------------------------------------------ dispatch
+    def dispatch(self, x: Any, topk_idx: Any, num_max_tokens: int, num_experts: int, stats: Any, use_fp8: bool,
+                 round_scale: bool, use_ue8m0: bool, return_recv_hook: bool, config: Config,
+                 stream: int) -> tuple[Any, Any, LowLatencyHandle, Callable[[], None]]:
+        """See ``Buffer.low_latency_dispatch``; ``stream``: the caller's stream pointer (0 on the simulator)."""
+        state = self.state
+        ranks = state.num_ranks
+        payload, origin = as_array(x, "x", raw=True)
+        check_array(payload, origin, "x", BFLOAT16, (None, None))
+        num_tokens, hidden = payload.shape
+        num_max_tokens = check_int("num_max_dispatch_tokens_per_rank", num_max_tokens, 1)
+        if num_tokens > num_max_tokens:
+            raise ValueError(f"x: {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank={num_max_tokens}")
+        if hidden % FP8_GROUP:
+            raise ValueError(f"x: hidden {hidden} is not a multiple of {FP8_GROUP}")
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError("use_ue8m0=True: needs use_fp8=True and round_scale=True (power-of-two scales)")
+        if use_ue8m0 and hidden % UE8M0_GROUP:
+            raise ValueError(f"use_ue8m0=True: hidden {hidden} is not a multiple of {UE8M0_GROUP}")
+        idx, idx_origin = as_array(topk_idx, "topk_idx", raw=True)
+        check_array(idx, idx_origin, "topk_idx", np.int64, (num_tokens, None), " (x's tokens)")
+        local = num_experts // ranks
+        layout, views = self.layout(num_max_tokens, hidden, num_experts)
+        rows, groups = ranks * num_max_tokens, hidden // FP8_GROUP
+        if stats is None:
+            stats_view = empty((0,), np.int32)
+        else:
+            stats_view, stats_origin = as_array(stats, "cumulative_local_expert_recv_stats", raw=True)
+            check_array(stats_view, stats_origin, "cumulative_local_expert_recv_stats", np.int32, (local,),
+                        " (local experts)")
+        recv_x, recv_x_out = new_output((local, rows, hidden), np.uint8 if use_fp8 else np.uint16, origin,
+                                        "float8_e4m3fn" if use_fp8 else "bfloat16", raw=True)
+        scale_words = (groups if use_fp8 and not use_ue8m0 else 0, groups // 4 if use_ue8m0 else 0)
+        recv_scales, scales_out = new_output((local, rows, scale_words[0]), np.float32, origin, raw=True)
+        recv_packed, packed_out = new_output((local, rows, scale_words[1]), np.int32, origin, raw=True)
+        recv_count, count_out = new_output((local,), np.int32, origin, raw=True)
+        src_info, src_info_out = new_output((local, rows), np.int32, origin, raw=True)
+        layout_range, layout_range_out = new_output((local, ranks), np.int64, origin, raw=True)
+        meta = (CALL_CODES["low_latency_dispatch"], DTYPE_CODES["float8_e4m3fn" if use_fp8 else "bfloat16"],
+                2 * hidden, idx.shape[1], local, num_max_tokens)
+        args = dict(pending_slot=self._slot(), x=words32(payload), x_bits=payload, topk_idx=idx, fp8=int(use_fp8),
+                    round_scale=int(round_scale), recv_x=words32(recv_x), recv_scales=recv_scales,
+                    recv_packed_scales=recv_packed, recv_count=recv_count, recv_src_info=src_info,
+                    recv_layout_range=layout_range, recv_stats=stats_view)
+
+        def build(phases: int) -> Callable[[], Prepared]:
+            def prepared() -> Prepared:
+                fixed = self._fixed(views, LL_DISPATCH_FIELDS, meta, config)
+                fixed |= dict(phases=phases, expert_counts=kernel_view(xp().zeros(num_experts, np.int32)))
+                return Prepared(ll_dispatch_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
+                                fixed | args, tuple(args), spins=bool(phases & RECEIVE))
+            return prepared
+
+        hook = self._run(("dispatch", id(layout), meta, config), build, args, stream, origin.framework,
+                         return_recv_hook)
+        if use_fp8:
+            scales = packed_out() if use_ue8m0 else scales_out()
+            received = (recv_x_out(), scales)
+        else:
+            received = recv_x_out()
+        handle = LowLatencyHandle(src_info_out(), layout_range_out(), num_max_tokens, hidden, num_experts,
+                                  src_info, layout_range, origin)
+        return received, count_out(), handle, hook
+
+    # ------------------------------------------------------------- combine
+    def combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: LowLatencyHandle, zero_copy: bool, out: Any,
+                return_recv_hook: bool, config: Config, stream: int) -> tuple[Any, Callable[[], None]]:
+        """See ``Buffer.low_latency_combine``."""
+        ranks = self.state.num_ranks
+        num_max_tokens, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        local = num_experts // ranks
+        layout, views = self.layout(num_max_tokens, hidden, num_experts)
+        payload, origin = as_array(x, "x", raw=True)
+        check_array(payload, origin, "x", BFLOAT16, (local, ranks * num_max_tokens, hidden),
+                    " (the dispatch's recv_x layout)")
+        idx, idx_origin = as_array(topk_idx, "topk_idx", raw=True)
+        check_array(idx, idx_origin, "topk_idx", np.int64, (None, None))
+        num_tokens = idx.shape[0]
+        if num_tokens > num_max_tokens:
+            raise ValueError(f"topk_idx: {num_tokens} tokens, more than the dispatch's {num_max_tokens} per rank")
+        weights, weights_origin = as_array(topk_weights, "topk_weights", raw=True)
+        check_array(weights, weights_origin, "topk_weights", np.float32, idx.shape, " (topk_idx's)")
+        if out is None:
+            result, result_out = new_output((num_tokens, hidden), np.uint16, origin, "bfloat16", raw=True)
+        else:
+            result, out_origin = as_array(out, "out", raw=True)
+            check_array(result, out_origin, "out", BFLOAT16, (num_tokens, hidden))
+            result_out = lambda: out  # noqa: E731 (the caller's own tensor comes back)
+        source = words32(views["combine_send"]) if zero_copy else words32(payload)
+        meta = (CALL_CODES["low_latency_combine"], DTYPE_CODES["bfloat16"], 2 * hidden, 0, local, num_max_tokens)
+        args = dict(pending_slot=self._slot(), x=source, src_info=handle.kernel_src_info,
+                    layout_range=handle.kernel_layout_range, topk_idx=idx, topk_weights=weights, out=result)
+
+        def build(phases: int) -> Callable[[], Prepared]:
+            def prepared() -> Prepared:
+                fixed = self._fixed(views, LL_COMBINE_FIELDS, meta, config)
+                return Prepared(ll_combine_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
+                                fixed | dict(phases=phases) | args, tuple(args), spins=bool(phases & RECEIVE))
+            return prepared
+
+        hook = self._run(("combine", id(layout), meta, config), build, args, stream, origin.framework,
+                         return_recv_hook)
+        return result_out(), hook
+
+    def next_combine_buffer(self, handle: LowLatencyHandle) -> Any:
+        """The local ``combine_send`` field of the handle's call shape as a bfloat16 tensor of the
+        caller's type ``[local experts, ranks * max tokens, hidden]`` (a zero-copy combine's input)."""
+        _, views = self.layout(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        field = views["combine_send"]
+        array = xp().asarray(field) if type(field) is DeviceArray else field
+        array = array.view(np.uint16).reshape(field.shape[:-1] + (handle.hidden,))
+        return to_origin(array, handle.origin, "bfloat16")
+
+
+def _no_hook() -> None:
+    """The hook of a call that received already."""
