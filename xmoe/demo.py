@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from xmoe.interop import BFLOAT16
+from xmoe.interop import BFLOAT16, FLOAT8_E4M3
 
 #: Routing patterns: ``random`` (masked slots, some tokens routed nowhere), ``one_rank``
 #: (every token to rank 0's experts), ``skip_last`` (the last rank receives nothing).
@@ -92,6 +92,8 @@ def torch_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]
     def to_device(array: np.ndarray) -> Any:
         if array.dtype == BFLOAT16:
             return torch.from_numpy(array.view(np.int16)).cuda().view(torch.bfloat16)
+        if array.dtype == FLOAT8_E4M3:
+            return torch.from_numpy(array.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
         return torch.from_numpy(array).cuda()
 
     def to_host(tensor: Any) -> np.ndarray:
@@ -99,6 +101,8 @@ def torch_io() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]
             return array_to_host(tensor)
         if tensor.dtype == torch.bfloat16:
             return tensor.view(torch.int16).cpu().numpy().view(BFLOAT16)
+        if tensor.dtype == torch.float8_e4m3fn:
+            return tensor.view(torch.uint8).cpu().numpy().view(FLOAT8_E4M3)
         return tensor.cpu().numpy()
 
     return to_device, to_host
