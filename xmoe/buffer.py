@@ -1,12 +1,12 @@
 """Buffer: the DeepEP-shaped public face of layout, dispatch and combine.
 
-A Buffer checks every argument, owns one symmetric block of ``num_nvl_bytes`` on every
-rank (with the call bookkeeping of ``ep/state.py``) and hands dispatch and combine to the
-host side of their mode: ``ep/normal.py`` for the normal (high-throughput) mode; the
-layout step, which involves no peer, launches its kernel from here. Every call is
-collective: all ranks call the same sequence of dispatch/combine. Importing this module
-loads no kernel code, so the static helpers and ``help(xmoe.Buffer)`` work before
-``xmoe.init()``.
+A Buffer checks its arguments (``arguments.py``), owns the symmetric blocks on every rank
+(``num_nvl_bytes`` for the normal mode, ``num_rdma_bytes`` for the low-latency mode, each
+with the call bookkeeping of ``ep/state.py``) and hands each call to the host side of its
+mode: ``ep/normal.py`` (high throughput) or ``ep/low_latency.py`` (decode); the layout
+step, which involves no peer, launches its kernel from here. Every call is collective: all
+ranks call the same sequence. Importing this module loads no kernel code, so the static
+helpers and ``help(xmoe.Buffer)`` work before ``xmoe.init()``.
 """
 
 from __future__ import annotations
