@@ -74,8 +74,7 @@ class LowLatencyMode:
         return found
 
     def _views(self, layout: LowLatencyLayout) -> dict[str, Any]:
-        """Every field as the kernels take it (payload fields as uint32 words, ``combine_x`` also as
-        bfloat16 bits, ``send_x`` also as words)."""
+        """Every field as the kernels take it (payload fields also as uint32 words)."""
         def view(field: Field, dtype: Any = None) -> Any:
             shape, strides = field.shape, field.strides
             if dtype is not None:
@@ -87,7 +86,7 @@ class LowLatencyMode:
         fields = layout.fields
         views = {name: view(field) for name, field in fields.items()}
         views |= dict(dispatch_x=view(fields["dispatch_x"], np.uint32), combine_words=view(fields["combine_x"], np.uint32),
-                      combine_bits=view(fields["combine_x"], np.uint16), send_words=view(fields["send_x"], np.uint32))
+                      send_words=view(fields["send_x"], np.uint32))
         return views
 
     def _slot(self) -> int:
@@ -216,7 +215,7 @@ class LowLatencyMode:
         source = words32(views["combine_send"]) if zero_copy else words32(payload)
         meta = (CALL_CODES["low_latency_combine"], DTYPE_CODES["bfloat16"], 2 * hidden, 0, local, num_max_tokens)
         args = dict(pending_slot=self._slot(), x=source, src_info=handle.kernel_src_info,
-                    layout_range=handle.kernel_layout_range, topk_idx=idx, topk_weights=weights, out=result)
+                    layout_range=handle.kernel_layout_range, topk_idx=idx, topk_weights=weights, out=words32(result))
 
         def build(phases: int) -> Callable[[], Prepared]:
             def prepared() -> Prepared:

@@ -50,10 +50,12 @@ from xmoe.comm.protocol import (
 )
 from xmoe.comm.status import ERR_EXPERT_ID
 from xmoe.kernels.launch import CAPPED_REGISTERS
-from xmoe.kernels.numerics import bf16_to_f32, f32_to_bf16, f32_to_bits, quantize_group
+from xmoe.kernels.numerics import bf16_to_f32, f32_to_bf16, f32_to_bits, quantize_row
 from xmoe.layout.symmetric import META_HEADER
 
 SEND, RECEIVE = 1, 2
+#: The most threads a block may have (the FP8 cast keeps a float32 a thread in shared memory).
+MAX_THREADS = 1024
 
 
 @cuda.jit(device=True)
@@ -89,8 +91,8 @@ def source_block(meta, num_ranks, local_expert, source):
 #: (``dispatch_x`` as uint32 words, ``send_x`` as bytes and as ``send_words``).
 LL_DISPATCH_FIELDS = ("send_x", "send_words", "send_scales", "dispatch_signals", "dispatch_meta", "dispatch_x",
                       "dispatch_scales", "dispatch_src_idx")
-#: Those the combine kernel takes (``combine_x`` as uint32 ``combine_words`` and bfloat16 ``combine_bits``).
-LL_COMBINE_FIELDS = ("combine_signals", "combine_meta", "combine_words", "combine_bits")
+#: Those the combine kernel takes (``combine_x`` as uint32 ``combine_words``).
+LL_COMBINE_FIELDS = ("combine_signals", "combine_meta", "combine_words")
 
 
 @lru_cache(maxsize=None)
@@ -154,6 +156,7 @@ def ll_dispatch_kernel(transport: Transport) -> Any:
         num_local_experts = num_experts // num_ranks
         counter = cuda.shared.array(1, np.int32)
         slot_of = cuda.shared.array(1, np.int32)
+        partial = cuda.shared.array(MAX_THREADS, np.float32)
         flag = cuda.shared.array(2, np.int32)
         if phases & SEND:
             num_tokens, num_topk = topk_idx.shape[0], topk_idx.shape[1]
@@ -161,9 +164,7 @@ def ll_dispatch_kernel(transport: Transport) -> Any:
             t = claim(work, WORK_NEXT, 1, slot_of)
             while t < num_tokens:
                 if fp8:
-                    for g in range(tid, send_scales.shape[1], cuda.blockDim.x):
-                        send_scales[t, g] = quantize_group(x_bits[t], g, round_scale, send_x[t])
-                    cuda.syncthreads()
+                    quantize_row(x_bits[t], round_scale, send_x[t], send_scales[t], partial)
                     send_token(send_words[t], t, topk_idx, fp8, send_scales, peers, rank, num_local_experts,
                                num_experts, field_x, field_scales, field_src_idx, errors, counter)
                 else:
@@ -225,8 +226,7 @@ def ll_combine_kernel(transport: Transport) -> Any:
     ``x`` uint32 ``[local experts, ranks * max tokens, hidden / 2]``: the experts' bfloat16
     outputs in a dispatch's ``recv_x`` layout; ``src_info`` / ``layout_range``: that dispatch's
     handle; ``topk_idx`` int64 / ``topk_weights`` float32 ``[tokens, k]``: this rank's routing;
-    ``out`` uint16 ``[tokens, hidden]`` (bfloat16 bits); the fields of :data:`LL_COMBINE_FIELDS`
-    (``combine_x`` as uint32 words as ``combine_words``, as uint16 as ``combine_bits``).
+    ``out`` uint32 ``[tokens, hidden / 2]`` (bfloat16 pairs); the fields of :data:`LL_COMBINE_FIELDS`.
     """
     write_row, flush = transport.write_row, transport.flush
     publish = make_publish(transport)
@@ -234,7 +234,7 @@ def ll_combine_kernel(transport: Transport) -> Any:
     @cuda.jit(cache=transport.name == "store", **CAPPED_REGISTERS)
     def combine(
         phases, pending_slot, x, src_info, layout_range, topk_idx, topk_weights, out, peers, combine_signals,
-        combine_meta, combine_words, combine_bits, rank, calls, pending, call_shape, work, timeout_ns, errors,
+        combine_meta, combine_words, rank, calls, pending, call_shape, work, timeout_ns, errors,
     ):
         tid = cuda.threadIdx.x
         if phases & SEND:
@@ -269,17 +269,21 @@ def ll_combine_kernel(transport: Transport) -> Any:
                 publish(peers, meta, signals, rank, seq, call_shape, layout_range[0, :0], layout_range[0, :0])
         if phases & RECEIVE:
             if wait_for_peers(signals, meta, seq, call_shape, timeout_ns, errors, flag):
-                rows = combine_bits[parity]
+                rows = combine_words[parity]
                 num_topk = topk_idx.shape[1]
                 t = claim(work, WORK_NEXT_SECOND, 1, slot)
                 while t < out.shape[0]:
-                    for c in range(tid, out.shape[1], cuda.blockDim.x):
-                        total = np.float32(0.0)
+                    for w in range(tid, out.shape[1], cuda.blockDim.x):  # a word: two bfloat16 channels
+                        low = np.float32(0.0)
+                        high = np.float32(0.0)
                         for k in range(num_topk):
                             expert = topk_idx[t, k]
                             if 0 <= expert < num_experts:
-                                total += topk_weights[t, k] * bf16_to_f32(rows[expert, t, c])
-                        out[t, c] = f32_to_bf16(total)
+                                word = rows[expert, t, w]
+                                weight = topk_weights[t, k]
+                                low += weight * bf16_to_f32(word & np.uint32(0xFFFF))
+                                high += weight * bf16_to_f32(word >> np.uint32(16))
+                        out[t, w] = np.uint32(f32_to_bf16(low)) | (np.uint32(f32_to_bf16(high)) << np.uint32(16))
                     t = claim(work, WORK_NEXT_SECOND, 1, slot)
         exit_block(work, calls, phases & SEND)
 

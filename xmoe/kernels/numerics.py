@@ -118,3 +118,39 @@ def quantize_group(row, group, round_scale, out_row):
     for c in range(first, first + FP8_GROUP):
         out_row[c] = f32_to_e4m3(bf16_to_f32(row[c]) * inverse)
     return scale
+
+
+@cuda.jit(device=True)
+def quantize_row(row, round_scale, out_row, scales_row, partial):
+    """Block-wide :func:`quantize_group` of every group of one row (``scales_row`` float32
+    ``[hidden / 128]`` gets the scales), several threads a group: each finds the largest
+    magnitude of its share, one pass through ``partial`` (shared float32, a slot a thread) gives
+    the group's; bit for bit what :func:`quantize_group` computes."""
+    num_threads, tid = cuda.blockDim.x, cuda.threadIdx.x
+    groups = scales_row.shape[0]
+    per = 1  # threads a group: the largest power of two that fits the block and divides 128
+    while per * 2 <= num_threads // max(groups, 1) and per * 2 <= FP8_GROUP:
+        per *= 2
+    width = FP8_GROUP // per
+    lane = tid % per
+    for base in range(0, groups, num_threads // per):
+        group = base + tid // per
+        first = group * FP8_GROUP + lane * width
+        amax = np.float32(AMAX_FLOOR)
+        if group < groups and tid < (num_threads // per) * per:
+            for c in range(first, first + width):
+                amax = max(amax, abs(bf16_to_f32(row[c])))
+        partial[tid] = amax
+        cuda.syncthreads()
+        if group < groups and tid < (num_threads // per) * per:
+            for j in range(tid - lane, tid - lane + per):
+                amax = max(amax, partial[j])
+            scale = amax / np.float32(E4M3_MAX)
+            if round_scale:
+                scale = power_of_two_above(scale)
+            inverse = np.float32(1.0) / scale
+            for c in range(first, first + width):
+                out_row[c] = f32_to_e4m3(bf16_to_f32(row[c]) * inverse)
+            if lane == 0:
+                scales_row[group] = scale
+        cuda.syncthreads()
