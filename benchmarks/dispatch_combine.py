@@ -21,7 +21,9 @@ GPU, for a call queued behind another ("host us") and for one that finds the GPU
 ("idle us"). "dispatch (worst)" dispatches into outputs of ``ranks x tokens`` rows
 (``num_worst_tokens``): the host never waits for the received count. "graph: ..." replays
 a dispatch (worst) and a combine captured in one CUDA graph (its time and bandwidth count
-both calls, against twice the baselines; its host time is that of ``replay()``).
+both calls, against twice the baselines; its host time is that of ``replay()``). "FP8 ..."
+dispatches float8_e4m3fn rows with their scales (``xmoe.quantize_fp8``): its bytes are those
+rows, and the baselines' times are scaled to them (a copy's time is linear in its bytes).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def host_overhead_us(fn, iterations: int, queued: bool) -> float:
 
 #: The case that replays a dispatch (worst) and a combine captured in one CUDA graph.
 GRAPH = "graph: dispatch (worst)+combine"
+#: The prefix of the FP8 payload's cases (rows of float8_e4m3fn with their scales).
+FP8 = "FP8 "
 #: The second baseline on one GPU: a device copy of every row a rank routes, its own included.
 ROUTED_COPY = "copy of routed rows"
 
@@ -134,6 +138,7 @@ def main() -> None:
 
     rows, table = [], []
     row_bytes = args.hidden * 2 + args.topk * 8 + 4
+    fp8_row_bytes = args.hidden + args.hidden // 128 * 4 + args.topk * 8 + 4  # rows, scales, top-k, source
     for num_tokens in tokens_list:
         x, idx, weights = routing(num_tokens)
         per_rank, in_rank, per_expert, recv = round_trip(x, idx, weights)
@@ -151,6 +156,15 @@ def main() -> None:
         def cached():
             buffer.dispatch(x, handle=handle)
 
+        x_fp8 = xmoe.quantize_fp8(x)
+
+        def dispatch_fp8():
+            buffer.dispatch(x_fp8, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
+
+        def cached_fp8():
+            buffer.dispatch(x_fp8, handle=handle)
+
         def combine():
             buffer.combine(recv_x, handle, topk_weights=recv_w)
 
@@ -161,16 +175,17 @@ def main() -> None:
             buffer.combine(recv[0], recv[4], topk_weights=recv[2])
 
         calls = {"dispatch": dispatch, "dispatch (worst)": worst_case, "cached dispatch": cached, "combine": combine,
-                 GRAPH: captured(worst_case_and_combine).replay}
+                 GRAPH: captured(worst_case_and_combine).replay, FP8 + "dispatch": dispatch_fp8,
+                 FP8 + "cached dispatch": cached_fp8}
         mine = {name: median_ms(fn, args.iters, batch=args.batch) for name, fn in calls.items()}
         host = {name: (host_overhead_us(fn, args.iters, queued=True), host_overhead_us(fn, args.iters, queued=False))
                 for name, fn in calls.items()}
         sent = per_rank.cpu().numpy()  # sent[r]: tokens with is_token_in_rank[:, r]
-        crossing = int(sent.sum() - sent[me]) * row_bytes
-        routed = int(sent.sum()) * row_bytes  # every (token, destination) pair, this rank included
+        crossing = int(sent.sum() - sent[me])
+        routed = int(sent.sum())  # every (token, destination) pair, this rank included
         gathered = group.allgather((mine, host, crossing, routed))
-        total_bytes = sum(g[2] for g in gathered)
-        routed_bytes = sum(g[3] for g in gathered)
+        total_bytes = sum(g[2] for g in gathered) * row_bytes
+        routed_bytes = sum(g[3] for g in gathered) * row_bytes
         slowest = {name: max(g[0][name] for g in gathered) for name in mine}
         host_us = {name: [float(np.median([g[1][name][i] for g in gathered])) for i in (0, 1)] for name in host}
 
@@ -194,7 +209,7 @@ def main() -> None:
         group.barrier()
         routed_ms = None
         if nccl is None:  # one GPU: every PE copies all the rows it routes, all PEs at once
-            source = torch.empty(routed, dtype=torch.uint8, device="cuda")
+            source = torch.empty(routed * row_bytes, dtype=torch.uint8, device="cuda")
             target = torch.empty_like(source)
             group.barrier()
             routed_ms = max(group.allgather(median_ms(lambda: target.copy_(source), args.iters, batch=args.batch)))
@@ -204,6 +219,9 @@ def main() -> None:
         for name in mine:
             # the graph replays a dispatch and a combine: twice the bytes, against twice the baseline
             moved, base_ms = (2, 2 * baseline_ms) if name == GRAPH else (1, baseline_ms)
+            if name.startswith(FP8):  # FP8 rows move fewer bytes: the baselines' times scaled to them
+                moved *= fp8_row_bytes / row_bytes
+                base_ms *= fp8_row_bytes / row_bytes
             gbs = 2 * moved * total_bytes / slowest[name] / 1e6
             case = f"{name} tokens={num_tokens}"
             rows.append({"case": case, "metric": "aggregate bandwidth", "unit": "GB/s", "higher_is_better": True,
