@@ -97,11 +97,17 @@ def exit_block(work, calls, ends_call):
     in the last kernel of a call (``ends_call``), counts the call as finished in ``calls[0]``
     (every block has read it by then)."""
     cuda.syncthreads()
-    if cuda.threadIdx.x == 0 and cuda.atomic.add(work, WORK_EXITED, 1) == cuda.gridDim.x - 1:
-        for i in range(WORK_WORDS):
-            work[i] = 0
-        if ends_call:
-            calls[0] += 1
+    if cuda.threadIdx.x == 0:
+        # Atomics to different words are not ordered without a fence: a block's last claim (which
+        # overshoots the work) could otherwise land after the reset, and the next launch's
+        # first claim would skip items (the threadFenceReduction pattern: fence, then count).
+        cuda.threadfence()
+        if cuda.atomic.add(work, WORK_EXITED, 1) == cuda.gridDim.x - 1:
+            cuda.threadfence()
+            for i in range(WORK_WORDS):
+                work[i] = 0
+            if ends_call:
+                calls[0] += 1
 
 
 def make_publish(transport: Transport) -> Any:

@@ -96,6 +96,10 @@ def check_combine(buffer: Any, group: Any, received: list, handle: Any, idxs: li
     everyone = group.allgather(outputs)
     want = reference.low_latency_combine(everyone, idxs, weights, num_experts)[me]
     got = to_host(combined).astype(np.float32)
-    assert got.shape == want.shape and not np.isnan(got).any()
+    assert got.shape == want.shape
+    broken = np.nonzero(np.isnan(got).any(axis=1))[0]
+    assert not len(broken), (f"rank {me}: tokens {broken[:6].tolist()} of {len(got)} summed NaN (rows past a count), "
+                             f"routed to {idxs[me][broken[:6]].tolist()}; tokens per rank "
+                             f"{[len(i) for i in idxs]}, NaN channels of the first {np.isnan(got[broken[0]]).sum()}")
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert combined is out
