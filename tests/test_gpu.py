@@ -67,6 +67,25 @@ def test_gpu_deepep_shape(group, ranks, force_put):
 
 
 @pytest.mark.mpi(ranks=2)
+def test_gpu_deepep_call_sequence(group):
+    """DeepEP's test_intranode order on one Buffer, 24 blocks, three times: a round without top-k,
+    one with, one with worst-case outputs (each: layout, dispatch, combine, cached dispatch).
+    Measured failing on one H200 at 7464350 (rows 0..9 of one call's recv_x stale, one parity):
+    the fence added to ``exit_block`` is the suspected fix."""
+    import xmoe
+
+    to_device, to_host = torch_io()
+    routing = make_routing(13, 2, 4096, 7168, 256, 8, BFLOAT16, "random")
+    buffer = xmoe.Buffer(group, xmoe.Buffer.get_nvl_size_hint(4096, 7168, 2, 256, 8))
+    config = xmoe.Config(24)
+    for _ in range(3):
+        run_and_check(buffer, group, routing, 1, False, to_device, to_host, config)
+        run_and_check(buffer, group, routing, 1, True, to_device, to_host, config)
+        run_and_check(buffer, group, routing, 1, True, to_device, to_host, config, num_worst_tokens=2 * 4096)
+    buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
 def test_gpu_repeated_cached_dispatch_and_combine(group):
     """Repeated cached dispatch and combine with one handle reuse their packed launches; every
     round must see its own payload."""
