@@ -70,8 +70,9 @@ def test_gpu_deepep_shape(group, ranks, force_put):
 def test_gpu_deepep_call_sequence(group):
     """DeepEP's test_intranode order on one Buffer, 24 blocks, three times: a round without top-k,
     one with, one with worst-case outputs (each: layout, dispatch, combine, cached dispatch).
-    Measured failing on one H200 at 7464350 (rows 0..9 of one call's recv_x stale, one parity):
-    the fence added to ``exit_block`` is the suspected fix."""
+    Measured failing on one H200 at 7464350: the kernel compiled for the empty top-k fields of
+    the first round served the next round's, indexing them as C-contiguous (rows 0..9 of
+    source 0 overwritten by source 1's top-k weights); fixed by ``launch._pack``'s signature."""
     import xmoe
 
     to_device, to_host = torch_io()

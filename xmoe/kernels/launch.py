@@ -84,8 +84,8 @@ _ARRAY = {ndim: struct.Struct(f"{5 + 2 * ndim}q") for ndim in range(8)}
 
 def _pack(value: Any, parts: list) -> Any:
     """Append ``value`` in Numba's kernel ABI (8 bytes a parameter) to ``parts``; return its
-    signature: what decides the compiled kernel (dtype, rank and contiguity of arrays, tuple
-    structure)."""
+    signature: what decides the compiled kernel (dtype, rank and contiguity of arrays, whether a
+    strided one is empty, tuple structure)."""
     kind = type(value)
     if kind is int or isinstance(value, np.integer):
         parts.append(_INT.pack(value))
@@ -93,7 +93,12 @@ def _pack(value: Any, parts: list) -> Any:
     if kind is tuple:
         return tuple(_pack(item, parts) for item in value)
     parts.append(_ARRAY[value.ndim].pack(*_abi(value)))  # a DeviceArray or a CuPy array
-    return (value.dtype.char, value.ndim, _c_contiguous(value))
+    contiguous = _c_contiguous(value)
+    # Numba may type an empty strided view 'C' (an empty array counts as contiguous), and code
+    # compiled so indexes a later, non-empty view of the same signature by its shape, ignoring
+    # its strides (measured on the H200: a dispatch with top-k after one without wrote its
+    # top-k weights over the rows of another source). Empty strided views compile apart.
+    return (value.dtype.char, value.ndim, contiguous, not contiguous and value.size == 0)
 
 
 def _c_contiguous(array: Any) -> bool:

@@ -1,0 +1,25 @@
+"""The launch path's signatures: which arguments share a compiled kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xmoe.device_memory import DeviceArray
+from xmoe.kernels.launch import pack
+
+
+def view(shape: tuple[int, ...], strides: tuple[int, ...]) -> DeviceArray:
+    return DeviceArray(4096, shape, np.dtype(np.int32), None, strides)
+
+
+def test_empty_strided_views_compile_apart():
+    """A region field of a call without top-k (``[ranks, capacity, 0]``, zero strides) may be
+    typed C-contiguous by Numba; a kernel compiled for it must not serve the same field of a
+    call with top-k (``[ranks, capacity, 8]``), which it would index ignoring the strides."""
+    empty = pack((view((2, 100, 0), (4000, 0, 4)),))[0]
+    full = pack((view((2, 100, 8), (4000, 32, 4)),))[0]
+    other = pack((view((2, 50, 3), (9000, 12, 4)),))[0]
+    assert empty != full
+    assert full == other  # strided views of any shape share one kernel
+    contiguous = pack((view((3, 4), (16, 4)), view((0, 4), (16, 4))))[0]
+    assert contiguous[0] == contiguous[1]  # C-contiguous ones too, empty or not (never indexed)
