@@ -18,6 +18,7 @@ from typing import Any
 
 from xmoe.config import Config
 from xmoe.event import EventOverlap
+from xmoe.moe import moe  # bound here: the submodule's import would otherwise shadow a lazy name
 from xmoe.runtime import Group, finalize, get_group, init, is_initialized
 
 __version__ = "0.1.0"
@@ -56,5 +57,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "dequantize_fp8", "finalize",
-           "get_group", "grouped_gemm", "init", "is_initialized", "quantize_fp8", "router", "router_logits",
+           "get_group", "grouped_gemm", "init", "is_initialized", "moe", "quantize_fp8", "router", "router_logits",
            "select_experts"]

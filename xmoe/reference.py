@@ -329,3 +329,40 @@ def low_latency_combine(expert_rows: Sequence[Sequence[np.ndarray]], topk_idx: S
                     out[t] = out[t] + np.float32(topk_weights[me][t, k]) * row
         results.append(out.astype(ml_dtypes.bfloat16))
     return results
+
+
+def moe(xs: Sequence[np.ndarray], w_router: np.ndarray, w_up: np.ndarray, w_down: np.ndarray, num_topk: int,
+        renormalize: bool = True, shared: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+    """What ``xmoe.moe`` returns on each rank: per rank, bfloat16 ``[tokens_r, hidden]``.
+
+    Args:
+        xs: per rank, bfloat16 ``[tokens_r, hidden]``.
+        w_router: bfloat16 ``[hidden, experts]``.
+        w_up / w_down: bfloat16 ``[experts, 2 * ffn, hidden]`` / ``[experts, hidden, ffn]``: every
+            rank's experts in order.
+        shared: the dense SwiGLU MLP's ``(w_up [2 * ffn_s, hidden], w_down [hidden, ffn_s])`` or None.
+
+    Each token: softmax top-k of ``x @ w_router`` (fp32), and the float32 sum of
+    ``weight * (h @ w_down[e]^T)`` with ``h = silu(gate) * up`` rounded to bfloat16 (as the
+    grouped GEMM stores it), plus the shared MLP's output, rounded to bfloat16 once.
+    """
+    results = []
+    for x in xs:
+        logits = x.astype(np.float32) @ w_router.astype(np.float32)
+        idx, weights, _ = select_experts(logits, num_topk, renormalize=renormalize)
+        out = np.zeros(x.shape, np.float32)
+        for t in range(x.shape[0]):
+            for e, weight in zip(idx[t], weights[t]):
+                out[t] += np.float32(weight) * _swiglu_mlp(x[t], w_up[e], w_down[e])
+            if shared is not None:
+                out[t] += _swiglu_mlp(x[t], shared[0], shared[1])
+        results.append(out.astype(ml_dtypes.bfloat16))
+    return results
+
+
+def _swiglu_mlp(row: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    """float32 ``down(silu(gate) * up)`` of one bfloat16 row, the hidden rounded to bfloat16."""
+    ffn = w_down.shape[1]
+    gate_up = row.astype(np.float32) @ w_up.astype(np.float32).T
+    h = (gate_up[:ffn] / (1 + np.exp(-gate_up[:ffn])) * gate_up[ffn:]).astype(ml_dtypes.bfloat16)
+    return h.astype(np.float32) @ w_down.astype(np.float32).T

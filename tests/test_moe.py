@@ -1,0 +1,83 @@
+"""xmoe.moe against the NumPy layer: a world of one, 2 and 4 ranks with ragged token counts,
+shared experts, a rank with no tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xmoe import reference
+from xmoe.demo import backend_io
+from xmoe.interop import BFLOAT16
+
+HIDDEN, FFN, TOPK = 64, 32, 2
+
+
+def weights(seed: int, num_experts: int, shared_ffn: int = 0) -> dict:
+    """A layer's weights (every expert), scaled so that outputs stay near 1."""
+    rng = np.random.default_rng(seed)
+    layer = dict(w_router=rng.standard_normal((HIDDEN, num_experts)).astype(BFLOAT16),
+                 w_up=(rng.standard_normal((num_experts, 2 * FFN, HIDDEN)) / np.sqrt(HIDDEN)).astype(BFLOAT16),
+                 w_down=(rng.standard_normal((num_experts, HIDDEN, FFN)) / np.sqrt(FFN)).astype(BFLOAT16))
+    if shared_ffn:
+        layer["shared"] = ((rng.standard_normal((2 * shared_ffn, HIDDEN)) / np.sqrt(HIDDEN)).astype(BFLOAT16),
+                           (rng.standard_normal((HIDDEN, shared_ffn)) / np.sqrt(shared_ffn)).astype(BFLOAT16))
+    return layer
+
+
+def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: int = 0) -> None:
+    import xmoe
+
+    to_device, to_host = backend_io()
+    me, ranks = (group.rank, group.world_size) if group is not None else (0, 1)
+    layer = weights(seed, num_experts, shared_ffn)
+    rng = np.random.default_rng(seed + 100)
+    xs = [rng.standard_normal((n, HIDDEN)).astype(BFLOAT16) for n in tokens]
+    local = num_experts // ranks
+    mine = slice(me * local, (me + 1) * local)
+    shared = tuple(to_device(w) for w in layer["shared"]) if shared_ffn else None
+    y = xmoe.moe(to_device(xs[me]), to_device(layer["w_router"]), to_device(layer["w_up"][mine]),
+                 to_device(layer["w_down"][mine]), TOPK, group=group, shared=shared)
+    want = reference.moe(xs, layer["w_router"], layer["w_up"], layer["w_down"], TOPK,
+                         shared=layer.get("shared"))[me]
+    got = to_host(y)
+    assert got.dtype == BFLOAT16 and got.shape == want.shape
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_moe_world_of_one():
+    """No group: the router, the grouped GEMMs and the sum back, with and without shared experts."""
+    run(None, [24], 8)
+    run(None, [17], 8, shared_ffn=48, seed=1)
+
+
+@pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.mpi(ranks=2)),
+                                   pytest.param(4, marks=pytest.mark.mpi(ranks=4))])
+def test_moe_across_ranks(group, ranks):
+    """Each rank its own token count (one rank none), its own experts; shared experts on top."""
+    run(group, [9 + 5 * r for r in range(ranks)], 4 * ranks)
+    run(group, [0] + [11] * (ranks - 1), 4 * ranks, shared_ffn=16, seed=2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=np.zeros((4, HIDDEN), np.float32)), "x: expected dtype bfloat16"),
+    (dict(w_up=np.zeros((3, 2 * FFN, HIDDEN), BFLOAT16)), r"w_up: expected shape \[8, \*, 64\]"),
+    (dict(w_down=np.zeros((8, HIDDEN, FFN + 8), BFLOAT16)), r"w_down: expected shape \[8, 64, 32\]"),
+    (dict(w_router=np.zeros((HIDDEN + 8, 8), BFLOAT16)), r"w_router: expected shape \[64, \*\]"),
+    (dict(top_k=0), "top_k=0"),
+    (dict(shared=(np.zeros((16, HIDDEN), BFLOAT16),)), "shared: expected"),
+])
+def test_moe_bad_input(change, message):
+    """Wrong dtypes and shapes raise ValueError naming the argument (a world of one)."""
+    import xmoe
+
+    to_device, _ = backend_io()
+    layer = weights(0, 8)
+    args = dict(x=np.ones((4, HIDDEN), BFLOAT16), w_router=layer["w_router"], w_up=layer["w_up"],
+                w_down=layer["w_down"], top_k=TOPK, shared=None) | change
+    tensors = {k: to_device(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    if isinstance(tensors["shared"], tuple):
+        tensors["shared"] = tuple(to_device(w) for w in tensors["shared"])
+    with pytest.raises(ValueError, match=message):
+        xmoe.moe(tensors.pop("x"), tensors.pop("w_router"), tensors.pop("w_up"), tensors.pop("w_down"),
+                 tensors.pop("top_k"), **tensors)

@@ -1,0 +1,170 @@
+"""``xmoe.moe``: one MoE layer's forward pass, router -> dispatch -> experts -> combine.
+
+Every rank passes its own tokens and its own experts (rank r holds experts ``r * E / R`` to
+``(r + 1) * E / R - 1``). The router (``xmoe.router``) picks each token's top-k experts; the
+normal mode's ``Buffer`` moves each token once to every rank that holds one of its experts;
+there each (row, local expert) pair is laid out expert by expert and the experts run as two
+grouped GEMMs (SwiGLU fused into the up projection, the routing weight into the down
+projection, ``kernels/gemm``); the pairs of one row are summed in float32, rounded to
+bfloat16, and combine sums each token's rows from every rank. A world of one skips dispatch
+and combine. Shared experts (a dense SwiGLU MLP every token goes through) are added.
+
+Between the kernels the index math (sort the pairs by expert, gather the rows, add them back)
+runs on the backend's arrays (CuPy on the GPU, NumPy on the simulator), and the host reads
+the number of pairs (one synchronisation a call). Not yet here (issue 16): the chunked
+overlap of dispatch and experts, the auxiliary losses, the ``MoELayer`` object and autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xmoe import runtime
+from xmoe.arguments import check_array, check_int
+from xmoe.device_memory import on_gpu, xp
+from xmoe.event import current_stream
+from xmoe.interop import BFLOAT16, as_array, to_origin
+
+#: Buffers ``moe`` made, per (group, hidden, experts, top-k): (tokens per rank they hold, Buffer).
+_BUFFERS: dict[tuple, tuple[int, Any]] = {}
+
+
+def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any = None, scoring: str = "softmax",
+        bias: Any = None, n_group: int | None = None, topk_group: int | None = None, renormalize: bool = True,
+        scaling: float = 1.0, shared: tuple[Any, Any] | None = None) -> Any:
+    """One MoE layer: ``y[t] = sum_k weight[t, k] * expert_k(x[t]) (+ shared(x[t]))``.
+
+    Args:
+        x: bfloat16 ``[tokens, hidden]``, this rank's tokens (the count may differ between ranks).
+        w_router: bfloat16 ``[hidden, experts]``, the full router (logits = ``x @ w_router``).
+        w_up: bfloat16 ``[local experts, 2 * ffn, hidden]``, this rank's experts' gate rows then up
+            rows (``nn.Linear`` / vLLM ``w13`` layout).
+        w_down: bfloat16 ``[local experts, hidden, ffn]``.
+        top_k: experts per token.
+        group: the :class:`xmoe.Group` or a ``torch.distributed`` group of every rank; None: a
+            world of one (no communication).
+        scoring, bias, n_group, topk_group, renormalize, scaling: as ``xmoe.router`` takes them
+            (weights renormalised to sum to 1 by default).
+        shared: ``(w_shared_up bfloat16 [2 * shared_ffn, hidden], w_shared_down bfloat16
+            [hidden, shared_ffn])``, a dense SwiGLU MLP added for every token, or None.
+
+    Returns:
+        bfloat16 ``[tokens, hidden]``, the caller's tensor type.
+    """
+    from xmoe.kernels.router import router
+
+    x_array, origin = as_array(x, "x")
+    check_array(x_array, origin, "x", BFLOAT16, (None, None))
+    num_tokens, hidden = x_array.shape
+    num_ranks = 1 if group is None else _group(group).world_size
+    router_array, router_origin = as_array(w_router, "w_router")
+    check_array(router_array, router_origin, "w_router", BFLOAT16, (hidden, None), " ([hidden, experts])")
+    num_experts = router_array.shape[1]
+    if num_experts % num_ranks:
+        raise ValueError(f"w_router: {num_experts} experts do not split evenly over {num_ranks} ranks")
+    local = num_experts // num_ranks
+    up, up_origin = as_array(w_up, "w_up")
+    check_array(up, up_origin, "w_up", BFLOAT16, (local, None, hidden), " ([local experts, 2 * ffn, hidden])")
+    ffn = up.shape[1] // 2
+    down, down_origin = as_array(w_down, "w_down")
+    check_array(down, down_origin, "w_down", BFLOAT16, (local, hidden, ffn), " ([local experts, hidden, ffn])")
+    top_k = check_int("top_k", top_k, 1)
+    idx, weights, _ = router(x, w_router, top_k, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group,
+                             renormalize=renormalize, scaling=scaling)
+    if num_ranks == 1:
+        rows = expert_rows(x_array, as_array(idx, "topk_idx")[0], as_array(weights, "topk_weights")[0], up, down,
+                           origin)
+        y = _to_bf16_bits(rows)
+    else:
+        buffer = _buffer(_group(group), num_tokens, hidden, num_experts, top_k)
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+        recv_x, recv_idx, recv_weights, _, handle, _ = buffer.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=weights)
+        rows = expert_rows(as_array(recv_x, "recv_x")[0], as_array(recv_idx, "recv_topk_idx")[0],
+                           as_array(recv_weights, "recv_topk_weights")[0], up, down, origin)
+        combined, _, _ = buffer.combine(to_origin(_to_bf16_bits(rows), origin, "bfloat16"), handle)
+        y = as_array(combined, "combined")[0]
+    if shared is not None:
+        y = _to_bf16_bits(_bf16_to_f32(y) + _shared_mlp(x_array, shared, origin))
+    return to_origin(y, origin, "bfloat16")
+
+
+def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, w_up: Any, w_down: Any, origin: Any) -> Any:
+    """float32 ``[rows, hidden]``: each row's sum over its (local expert id, weight) pairs of
+    ``weight * down(swiglu(up(row)))``; ``rows`` uint16 (bfloat16 bits), ``topk_idx`` int64 ``[rows, k]``
+    (-1: no expert here), ``topk_weights`` float32 ``[rows, k]``, weights as :func:`moe` takes them."""
+    from xmoe.kernels.gemm import GemmVariant, Problem, gemm_into
+
+    xpm = xp()
+    num_local, ffn, hidden = w_up.shape[0], w_up.shape[1] // 2, w_up.shape[2]
+    flat = topk_idx.reshape(-1)
+    valid = flat >= 0
+    order = xpm.argsort(xpm.where(valid, flat, num_local), kind="stable")
+    num_pairs = int(valid.sum())  # the host sizes the GEMMs: one synchronisation
+    order = order[:num_pairs]
+    row_of = order // topk_idx.shape[1]
+    offs = xpm.cumsum(xpm.bincount(flat[valid], minlength=num_local)).astype(np.int32)
+    stream = current_stream(origin.framework) if on_gpu() else None
+    h = xpm.empty((num_pairs, ffn), np.uint16)
+    gemm_into(Problem(xpm.ascontiguousarray(rows[row_of]), w_up, h, offs, None, num_pairs, ffn, hidden, num_local),
+              GemmVariant("swiglu", "nk", "bf16"), stream)
+    pair_out = xpm.empty((num_pairs, hidden), np.float32)
+    pair_weights = xpm.ascontiguousarray(topk_weights.reshape(-1)[order])
+    gemm_into(Problem(h, w_down, pair_out, offs, pair_weights, num_pairs, hidden, ffn, num_local),
+              GemmVariant("row_scale", "nk", "f32"), stream)
+    out = xpm.zeros((rows.shape[0], hidden), np.float32)
+    if on_gpu():
+        import cupyx
+
+        cupyx.scatter_add(out, row_of, pair_out)
+    else:
+        np.add.at(out, row_of, pair_out)
+    return out
+
+
+def _shared_mlp(x: Any, shared: tuple[Any, Any], origin: Any) -> Any:
+    """float32 ``[tokens, hidden]``: the dense SwiGLU MLP of ``shared`` on every token."""
+    if not (isinstance(shared, tuple) and len(shared) == 2):
+        raise ValueError("shared: expected (w_shared_up [2 * ffn, hidden], w_shared_down [hidden, ffn])")
+    hidden = x.shape[1]
+    up, up_origin = as_array(shared[0], "shared[0]")
+    check_array(up, up_origin, "shared[0]", BFLOAT16, (None, hidden), " ([2 * shared_ffn, hidden])")
+    down, down_origin = as_array(shared[1], "shared[1]")
+    check_array(down, down_origin, "shared[1]", BFLOAT16, (hidden, up.shape[0] // 2), " ([hidden, shared_ffn])")
+    expert_zero = xp().zeros((x.shape[0], 1), np.int64)  # every token to the one expert, weight 1
+    return expert_rows(x, expert_zero, xp().ones((x.shape[0], 1), np.float32), up[None], down[None], origin)
+
+
+def _bf16_to_f32(bits: Any) -> Any:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _to_bf16_bits(values: Any) -> Any:
+    """float32 -> bfloat16 bits, rounded to nearest even (the values are finite)."""
+    bits = xp().ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def _group(group: Any) -> runtime.Group:
+    from xmoe.arguments import as_group
+
+    return as_group(group)
+
+
+def _buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:
+    """A Buffer of ``group`` that holds this call (collective: the largest token count of any rank
+    sizes it, and every rank makes a new one when that outgrows the last)."""
+    from xmoe.buffer import Buffer
+
+    most = max(group.allgather(num_tokens))
+    key = (id(group), hidden, num_experts, top_k)
+    held = _BUFFERS.get(key)
+    if held is None or held[0] < most:
+        if held is not None:
+            held[1].destroy()
+        size = Buffer.get_nvl_size_hint(most, hidden, group.world_size, num_experts, top_k)
+        held = _BUFFERS[key] = (most, Buffer(group, size))
+    return held[1]
