@@ -18,3 +18,7 @@ def _load(name: str):
 def test_expert_mlp_matches_the_dense_layer():
     # outputs are bfloat16 (2^-8 relative) of values of magnitude ~1
     assert _load("expert_mlp").run() < 0.05
+
+
+def test_moe_numpy_matches_the_reference():
+    assert _load("moe_numpy").run() < 0.05
