@@ -51,6 +51,22 @@ def test_moe_world_of_one():
     run(None, [17], 8, shared_ffn=48, seed=1)
 
 
+def test_moe_aux_losses():
+    """return_aux: the Switch load-balancing loss and the z-loss of the router, against float64 NumPy."""
+    import xmoe
+
+    to_device, to_host = backend_io()
+    layer = weights(3, 8)
+    x = np.random.default_rng(4).standard_normal((40, HIDDEN)).astype(BFLOAT16)
+    y, balance, z_loss = xmoe.moe(to_device(x), to_device(layer["w_router"]), to_device(layer["w_up"]),
+                                  to_device(layer["w_down"]), TOPK, return_aux=True)
+    want = reference.moe_aux_losses(x, layer["w_router"], TOPK)
+    assert to_host(y).shape == x.shape
+    np.testing.assert_allclose((balance, z_loss), want, rtol=1e-4)
+    assert xmoe.moe(to_device(x[:0]), to_device(layer["w_router"]), to_device(layer["w_up"]),
+                    to_device(layer["w_down"]), TOPK, return_aux=True)[1:] == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.mpi(ranks=2)),
                                    pytest.param(4, marks=pytest.mark.mpi(ranks=4))])
 def test_moe_across_ranks(group, ranks):

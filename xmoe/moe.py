@@ -12,7 +12,7 @@ and combine. Shared experts (a dense SwiGLU MLP every token goes through) are ad
 Between the kernels the index math (sort the pairs by expert, gather the rows, add them back)
 runs on the backend's arrays (CuPy on the GPU, NumPy on the simulator), and the host reads
 the number of pairs (one synchronisation a call). Not yet here (issue 16): the chunked
-overlap of dispatch and experts, the auxiliary losses, the ``MoELayer`` object and autograd.
+overlap of dispatch and experts, the ``MoELayer`` object and autograd.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _BUFFERS: dict[tuple, tuple[int, Any]] = {}
 
 def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any = None, scoring: str = "softmax",
         bias: Any = None, n_group: int | None = None, topk_group: int | None = None, renormalize: bool = True,
-        scaling: float = 1.0, shared: tuple[Any, Any] | None = None) -> Any:
+        scaling: float = 1.0, shared: tuple[Any, Any] | None = None, return_aux: bool = False) -> Any:
     """One MoE layer: ``y[t] = sum_k weight[t, k] * expert_k(x[t]) (+ shared(x[t]))``.
 
     Args:
@@ -49,11 +49,13 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
             (weights renormalised to sum to 1 by default).
         shared: ``(w_shared_up bfloat16 [2 * shared_ffn, hidden], w_shared_down bfloat16
             [hidden, shared_ffn])``, a dense SwiGLU MLP added for every token, or None.
+        return_aux: also return this rank's auxiliary losses (see :func:`aux_losses`).
 
     Returns:
-        bfloat16 ``[tokens, hidden]``, the caller's tensor type.
+        bfloat16 ``[tokens, hidden]``, the caller's tensor type; with ``return_aux``, the tuple
+        ``(y, load-balancing loss, router z-loss)`` (the losses as Python floats: forward only).
     """
-    from xmoe.kernels.router import router
+    from xmoe.kernels.router import router_logits, select_experts
 
     x_array, origin = as_array(x, "x")
     check_array(x_array, origin, "x", BFLOAT16, (None, None))
@@ -71,8 +73,9 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
     down, down_origin = as_array(w_down, "w_down")
     check_array(down, down_origin, "w_down", BFLOAT16, (local, hidden, ffn), " ([local experts, hidden, ffn])")
     top_k = check_int("top_k", top_k, 1)
-    idx, weights, _ = router(x, w_router, top_k, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group,
-                             renormalize=renormalize, scaling=scaling)
+    logits = router_logits(x, w_router)
+    idx, weights, counts = select_experts(logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
+                                          topk_group=topk_group, renormalize=renormalize, scaling=scaling)
     if num_ranks == 1:
         rows = expert_rows(x_array, as_array(idx, "topk_idx")[0], as_array(weights, "topk_weights")[0], up, down,
                            origin)
@@ -89,7 +92,29 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
         y = as_array(combined, "combined")[0]
     if shared is not None:
         y = _to_bf16_bits(_bf16_to_f32(y) + _shared_mlp(x_array, shared, origin))
-    return to_origin(y, origin, "bfloat16")
+    y = to_origin(y, origin, "bfloat16")
+    if return_aux:
+        return (y,) + aux_losses(as_array(logits, "logits")[0], as_array(counts, "counts")[0], top_k)
+    return y
+
+
+def aux_losses(logits: Any, counts: Any, top_k: int) -> tuple[float, float]:
+    """``(load-balancing loss, z-loss)`` of one rank's router: Switch/GShard's
+    ``experts * sum_e f_e * P_e`` (``f_e``: the fraction of the tokens' top-k slots routed to e,
+    ``P_e``: e's mean softmax probability) and ``mean_t logsumexp(logits_t)^2``; 0 without tokens.
+    ``logits`` float32 ``[tokens, experts]``, ``counts`` int32 ``[experts]``."""
+    xpm = xp()
+    num_tokens, num_experts = logits.shape
+    if num_tokens == 0:
+        return 0.0, 0.0
+    peak = logits.max(axis=1, keepdims=True)
+    exp = xpm.exp(logits - peak)
+    total = exp.sum(axis=1, keepdims=True)
+    probs = exp / total
+    fraction = counts.astype(np.float32) / np.float32(num_tokens * top_k)
+    balance = float(num_experts * (fraction * probs.mean(axis=0)).sum())
+    z_loss = float(((xpm.log(total) + peak) ** 2).mean())
+    return balance, z_loss
 
 
 def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, w_up: Any, w_down: Any, origin: Any) -> Any:

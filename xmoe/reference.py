@@ -366,3 +366,17 @@ def _swiglu_mlp(row: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.nda
     gate_up = row.astype(np.float32) @ w_up.astype(np.float32).T
     h = (gate_up[:ffn] / (1 + np.exp(-gate_up[:ffn])) * gate_up[ffn:]).astype(ml_dtypes.bfloat16)
     return h.astype(np.float32) @ w_down.astype(np.float32).T
+
+
+def moe_aux_losses(x: np.ndarray, w_router: np.ndarray, num_topk: int) -> tuple[float, float]:
+    """``xmoe.moe(..., return_aux=True)``'s losses for one rank's tokens ``x`` (softmax routing):
+    ``experts * sum_e f_e * P_e`` and ``mean_t logsumexp(logits_t)^2``."""
+    logits = x.astype(np.float64) @ w_router.astype(np.float64)
+    if not len(logits):
+        return 0.0, 0.0
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    chosen = np.argsort(-logits, axis=1, kind="stable")[:, :num_topk]
+    fraction = np.bincount(chosen.ravel(), minlength=logits.shape[1]) / (len(logits) * num_topk)
+    lse = np.log(np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1)) + logits.max(axis=1)
+    return float(logits.shape[1] * (fraction * probs.mean(axis=0)).sum()), float((lse ** 2).mean())
