@@ -97,3 +97,49 @@ def test_moe_bad_input(change, message):
     with pytest.raises(ValueError, match=message):
         xmoe.moe(tensors.pop("x"), tensors.pop("w_router"), tensors.pop("w_up"), tensors.pop("w_down"),
                  tensors.pop("top_k"), **tensors)
+
+
+def hf_state(layer: dict, to_device, prefix: str = "mlp.") -> dict:
+    """``layer``'s weights under a Hugging Face MoE block's names (DeepSeek-V3's shared experts)."""
+    state = {prefix + "gate.weight": to_device(np.ascontiguousarray(layer["w_router"].T))}
+    for e in range(layer["w_up"].shape[0]):
+        state[f"{prefix}experts.{e}.gate_proj.weight"] = to_device(np.ascontiguousarray(layer["w_up"][e, :FFN]))
+        state[f"{prefix}experts.{e}.up_proj.weight"] = to_device(np.ascontiguousarray(layer["w_up"][e, FFN:]))
+        state[f"{prefix}experts.{e}.down_proj.weight"] = to_device(layer["w_down"][e])
+    if "shared" in layer:
+        width = layer["shared"][1].shape[1]
+        state[prefix + "shared_experts.gate_proj.weight"] = to_device(np.ascontiguousarray(layer["shared"][0][:width]))
+        state[prefix + "shared_experts.up_proj.weight"] = to_device(np.ascontiguousarray(layer["shared"][0][width:]))
+        state[prefix + "shared_experts.down_proj.weight"] = to_device(layer["shared"][1])
+    return state
+
+
+def check_layer(group, ranks: int) -> None:
+    """MoELayer: its own weights give moe()'s result; weights loaded from a Hugging Face state dict
+    (router transposed, gate and up stacked, shared experts) give the reference layer's."""
+    import xmoe
+
+    to_device, to_host = backend_io()
+    me = group.rank if group is not None else 0
+    layer = xmoe.MoELayer(HIDDEN, FFN, 8 * ranks, TOPK, group=group, num_shared_experts=2, shared_ffn=16)
+    x = np.random.default_rng(7 + me).standard_normal((10, HIDDEN)).astype(BFLOAT16)
+    direct = xmoe.moe(to_device(x), layer.w_router, layer.w_up, layer.w_down, TOPK, group=group, shared=layer.shared)
+    np.testing.assert_array_equal(to_host(layer(to_device(x))).view(np.uint16), to_host(direct).view(np.uint16))
+    weights_ = weights(5, 8 * ranks, shared_ffn=32)
+    layer.load_state_dict(hf_state(weights_, to_device), prefix="mlp.")
+    xs = [np.random.default_rng(7 + r).standard_normal((10, HIDDEN)).astype(BFLOAT16) for r in range(ranks)]
+    want = reference.moe(xs, weights_["w_router"], weights_["w_up"], weights_["w_down"], TOPK,
+                         shared=weights_["shared"])[me]
+    np.testing.assert_allclose(to_host(layer(to_device(x))).astype(np.float32), want.astype(np.float32), rtol=2e-2,
+                               atol=2e-2)
+    with pytest.raises(KeyError, match="mlp.gate.weight"):
+        layer.load_state_dict({}, prefix="mlp.")
+
+
+def test_moe_layer_world_of_one():
+    check_layer(None, 1)
+
+
+@pytest.mark.mpi(ranks=2)
+def test_moe_layer_two_ranks(group):
+    check_layer(group, 2)

@@ -12,7 +12,7 @@ and combine. Shared experts (a dense SwiGLU MLP every token goes through) are ad
 Between the kernels the index math (sort the pairs by expert, gather the rows, add them back)
 runs on the backend's arrays (CuPy on the GPU, NumPy on the simulator), and the host reads
 the number of pairs (one synchronisation a call). Not yet here (issue 16): the chunked
-overlap of dispatch and experts, the ``MoELayer`` object and autograd.
+overlap of dispatch and experts, and autograd (``nn.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from xmoe import runtime
 from xmoe.arguments import check_array, check_int
 from xmoe.device_memory import on_gpu, xp
 from xmoe.event import current_stream
-from xmoe.interop import BFLOAT16, as_array, to_origin
+from xmoe.interop import BFLOAT16, Origin, as_array, to_origin
 
 #: Buffers ``moe`` made, per (group, hidden, experts, top-k): (tokens per rank they hold, Buffer).
 _BUFFERS: dict[tuple, tuple[int, Any]] = {}
@@ -193,3 +193,91 @@ def _buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int
         size = Buffer.get_nvl_size_hint(most, hidden, group.world_size, num_experts, top_k)
         held = _BUFFERS[key] = (most, Buffer(group, size))
     return held[1]
+
+
+class MoELayer:
+    """An MoE layer that holds this rank's weights on the device: ``layer(x)`` is :func:`moe`.
+
+    Args:
+        hidden, ffn: the model's and each expert's width (multiples of 8).
+        num_experts: experts in total (a multiple of the ranks); top_k: experts per token.
+        group: as :func:`moe` takes it (None: a world of one).
+        num_shared_experts, shared_ffn: shared experts, run as one dense SwiGLU MLP of width
+            ``num_shared_experts * shared_ffn`` (``shared_ffn`` None: ``ffn``).
+        framework: the tensors the weights are held as ("torch" or "jax" on the GPU, "numpy" on
+            the simulator; None: "torch" on the GPU, "numpy" on the simulator).
+        seed: of the random initial weights (normal, scaled by 1 / sqrt(fan in)).
+        **routing: ``scoring``, ``bias``, ``n_group``, ``topk_group``, ``renormalize``, ``scaling``
+            as :func:`moe` takes them.
+
+    Attributes:
+        w_router bfloat16 ``[hidden, experts]``, w_up ``[local experts, 2 * ffn, hidden]``, w_down
+        ``[local experts, hidden, ffn]``, shared: ``(up [2 * width, hidden], down [hidden, width])`` or None.
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, group: Any = None,
+                 num_shared_experts: int = 0, shared_ffn: int | None = None, framework: str | None = None,
+                 seed: int = 0, **routing: Any) -> None:
+        self.group = None if group is None else _group(group)
+        ranks, rank = (1, 0) if self.group is None else (self.group.world_size, self.group.rank)
+        self.hidden, self.ffn, self.num_experts, self.top_k = (check_int(name, value, 1) for name, value in (
+            ("hidden", hidden), ("ffn", ffn), ("num_experts", num_experts), ("top_k", top_k)))
+        if num_experts % ranks:
+            raise ValueError(f"num_experts={num_experts} does not split evenly over {ranks} ranks")
+        self.num_local_experts = num_experts // ranks
+        self.framework = framework or ("torch" if on_gpu() else "numpy")
+        self.routing = routing
+        rng = np.random.default_rng(seed)
+        local = slice(rank * self.num_local_experts, (rank + 1) * self.num_local_experts)
+        self.w_router = self._tensor(rng.standard_normal((hidden, num_experts)) / np.sqrt(hidden))
+        self.w_up = self._tensor((rng.standard_normal((num_experts, 2 * ffn, hidden)) / np.sqrt(hidden))[local])
+        self.w_down = self._tensor((rng.standard_normal((num_experts, hidden, ffn)) / np.sqrt(ffn))[local])
+        width = check_int("num_shared_experts", num_shared_experts, 0) * (shared_ffn or ffn)
+        self.shared = None if not width else (
+            self._tensor(rng.standard_normal((2 * width, hidden)) / np.sqrt(hidden)),
+            self._tensor(rng.standard_normal((hidden, width)) / np.sqrt(width)))
+
+    def _tensor(self, values: np.ndarray) -> Any:
+        """``values`` as a bfloat16 tensor of the layer's framework, on the device."""
+        bits = xp().asarray(np.ascontiguousarray(values.astype(BFLOAT16)).view(np.uint16))
+        return to_origin(bits, _bf16_origin(self.framework), "bfloat16")
+
+    def forward(self, x: Any, return_aux: bool = False) -> Any:
+        """:func:`moe` of this rank's tokens ``x`` (bfloat16 ``[tokens, hidden]``) with the layer's weights."""
+        return moe(x, self.w_router, self.w_up, self.w_down, self.top_k, group=self.group, shared=self.shared,
+                   return_aux=return_aux, **self.routing)
+
+    __call__ = forward
+
+    def load_state_dict(self, state: dict[str, Any], prefix: str = "") -> None:
+        """Take the weights of a Hugging Face Qwen3-MoE or DeepSeek-V3 MoE block (``prefix``, e.g.
+        ``"model.layers.3.mlp."``): ``gate.weight`` ``[experts, hidden]`` (the router, transposed
+        here), ``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj.weight`` of this rank's experts,
+        and ``shared_experts.*`` (DeepSeek) or ``shared_expert.*`` (Qwen2-MoE) when the layer has
+        shared experts. Any DLPack tensors (bfloat16, on the backend's device); ``KeyError`` naming
+        a missing weight."""
+        def get(name: str) -> np.ndarray:
+            array, origin = as_array(state[prefix + name], prefix + name)
+            if origin.dtype != "bfloat16":
+                raise ValueError(f"{prefix + name}: expected bfloat16, got {origin.dtype}")
+            return array
+
+        def stack(parts: list) -> Any:
+            return to_origin(xp().ascontiguousarray(xp().stack(parts)), _bf16_origin(self.framework), "bfloat16")
+
+        rank = 0 if self.group is None else self.group.rank
+        experts = range(rank * self.num_local_experts, (rank + 1) * self.num_local_experts)
+        router = get("gate.weight")
+        self.w_router = to_origin(xp().ascontiguousarray(router.T), _bf16_origin(self.framework), "bfloat16")
+        self.w_up = stack([xp().concatenate([get(f"experts.{e}.gate_proj.weight"),
+                                             get(f"experts.{e}.up_proj.weight")]) for e in experts])
+        self.w_down = stack([get(f"experts.{e}.down_proj.weight") for e in experts])
+        if self.shared is not None:
+            base = "shared_experts." if prefix + "shared_experts.gate_proj.weight" in state else "shared_expert."
+            up = xp().concatenate([get(base + "gate_proj.weight"), get(base + "up_proj.weight")])
+            self.shared = (to_origin(xp().ascontiguousarray(up), _bf16_origin(self.framework), "bfloat16"),
+                           to_origin(get(base + "down_proj.weight"), _bf16_origin(self.framework), "bfloat16"))
+
+
+def _bf16_origin(framework: str) -> Origin:
+    return Origin(framework, "bfloat16")
