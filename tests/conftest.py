@@ -9,6 +9,9 @@ import pytest
 import xmoe.runtime
 import xmoe.testing.plugin
 
+#: DeepEP's own tests, run by tests/deepep/run.py under torchrun, not by pytest.
+collect_ignore = ["deepep"]
+
 os.environ.setdefault("XMOE_POISON", "1")
 xmoe.runtime.select_backend(None)
 
