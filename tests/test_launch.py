@@ -23,3 +23,19 @@ def test_empty_strided_views_compile_apart():
     assert full == other  # strided views of any shape share one kernel
     contiguous = pack((view((3, 4), (16, 4)), view((0, 4), (16, 4))))[0]
     assert contiguous[0] == contiguous[1]  # C-contiguous ones too, empty or not (never indexed)
+
+
+def test_prepared_launch_refuses_another_signature(monkeypatch):
+    """A prepared launch takes per-call arrays of the signature it was compiled for only (GPU path,
+    checked without a GPU: the signature check comes before the driver call)."""
+    import pytest
+
+    from xmoe.kernels import launch
+
+    prepared = launch.Prepared.__new__(launch.Prepared)
+    prepared.per_call = frozenset({"x"})
+    prepared.parameters = None
+    prepared.slots = {"x": (0, launch._ARRAY[3], launch._array_signature(view((2, 100, 8), (4000, 32, 4))))}
+    monkeypatch.setattr(launch, "SIMULATOR", False)
+    with pytest.raises(TypeError, match="x: prepared for arrays of"):
+        prepared(0, x=view((2, 100, 0), (4000, 0, 4)))

@@ -93,12 +93,17 @@ def _pack(value: Any, parts: list) -> Any:
     if kind is tuple:
         return tuple(_pack(item, parts) for item in value)
     parts.append(_ARRAY[value.ndim].pack(*_abi(value)))  # a DeviceArray or a CuPy array
-    contiguous = _c_contiguous(value)
-    # Numba may type an empty strided view 'C' (an empty array counts as contiguous), and code
-    # compiled so indexes a later, non-empty view of the same signature by its shape, ignoring
-    # its strides (measured on the H200: a dispatch with top-k after one without wrote its
-    # top-k weights over the rows of another source). Empty strided views compile apart.
-    return (value.dtype.char, value.ndim, contiguous, not contiguous and value.size == 0)
+    return _array_signature(value)
+
+
+def _array_signature(array: Any) -> tuple:
+    """What of an array decides the compiled kernel: dtype, rank, C-contiguity, and whether a
+    strided array is empty. Numba may type an empty strided view 'C' (an empty array counts as
+    contiguous), and code compiled so indexes a later, non-empty view of the same signature by
+    its shape, ignoring its strides (measured on the H200: a dispatch with top-k after one
+    without wrote its top-k weights over the rows of another source)."""
+    contiguous = _c_contiguous(array)
+    return (array.dtype.char, array.ndim, contiguous, not contiguous and array.size == 0)
 
 
 def _c_contiguous(array: Any) -> bool:
@@ -220,7 +225,7 @@ def launch(kernel: Any, blocks: int, threads: int, stream: int = 0, spins: bool 
 
 class Prepared:
     """A launch of ``kernel`` with ``args`` (name -> value) fixed but for those named in
-    ``per_call`` (ints, and arrays of the same dtype, rank and contiguity as prepared);
+    ``per_call`` (ints, and arrays of the signature prepared, else ``TypeError``);
     ``prepared(stream, name=value, ...)`` launches it with those values. The caller keeps one
     per call site and argument set.
 
@@ -246,7 +251,8 @@ class Prepared:
         for name, arg, arg_bytes in zip(names, values, packed):
             if name in per_call:
                 is_int = type(arg) is int or isinstance(arg, np.integer)
-                self.slots[name] = (offset, None if is_int else _ARRAY[len(arg.shape)])
+                self.slots[name] = (offset, None, None) if is_int else (offset, _ARRAY[len(arg.shape)],
+                                                                         _array_signature(arg))
             offset += len(arg_bytes)
         self.function = compiled.function
         self.parameters = _Parameters(compiled.num_bytes)
@@ -261,9 +267,11 @@ class Prepared:
             return
         parameters = self.parameters
         for name, value in values.items():
-            offset, array = self.slots[name]
+            offset, array, signature = self.slots[name]
             if array is None:
                 _INT.pack_into(parameters.values, offset, value)
             else:
+                if _array_signature(value) != signature:  # the compiled kernel would misread it
+                    raise TypeError(f"{name}: prepared for arrays of {signature}, got {_array_signature(value)}")
                 array.pack_into(parameters.values, offset, *_abi(value))
         parameters.launch(self.function, self.blocks, self.threads, stream)

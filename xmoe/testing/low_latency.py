@@ -55,6 +55,7 @@ def check_dispatch(buffer: Any, group: Any, xs: list, idxs: list, num_experts: i
         rows = to_host(recv_x)
         assert rows.shape == (local, ranks * MAX_TOKENS, HIDDEN) and rows.dtype == BFLOAT16
     np.testing.assert_array_equal(to_host(recv_count), want["count"])
+    buffer._low_latency.state.raise_on_error()  # the copy above waited for the kernels
     np.testing.assert_array_equal(to_host(stats), want["count"] + 5)
     np.testing.assert_array_equal(to_host(handle[1]), want["layout_range"])
     src_info = to_host(handle[0])
@@ -95,7 +96,8 @@ def check_combine(buffer: Any, group: Any, received: list, handle: Any, idxs: li
     receive()
     everyone = group.allgather(outputs)
     want = reference.low_latency_combine(everyone, idxs, weights, num_experts)[me]
-    got = to_host(combined).astype(np.float32)
+    got = to_host(combined).astype(np.float32)  # waits for the kernels: a kernel's error is in by now
+    buffer._low_latency.state.raise_on_error()
     assert got.shape == want.shape
     broken = np.nonzero(np.isnan(got).any(axis=1))[0]
     assert not len(broken), (f"rank {me}: tokens {broken[:6].tolist()} of {len(got)} summed NaN (rows past a count), "
