@@ -22,3 +22,20 @@ def test_expert_mlp_matches_the_dense_layer():
 
 def test_moe_numpy_matches_the_reference():
     assert _load("moe_numpy").run() < 0.05
+
+
+def test_notebook_runs_on_the_simulator():
+    """examples/notebooks/dispatch_combine.ipynb executes top to bottom with no error, and its
+    checks print differences within bfloat16 rounding."""
+    import nbclient
+    import nbformat
+
+    folder = EXAMPLES / "notebooks"
+    notebook = nbformat.read(folder / "dispatch_combine.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(folder)}}).execute()
+    printed = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.get("outputs", []))
+    differences = [float(line.rsplit(" ", 1)[1]) for line in printed.splitlines() if "largest difference:" in line]
+    assert len(differences) == 2 and max(differences) < 0.05
+    assert "xmoe.moe on 2 rank(s)" in printed
