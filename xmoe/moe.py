@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from xmoe import runtime
-from xmoe.arguments import check_array, check_int
+from xmoe.arguments import as_group, check_array, check_int
 from xmoe.device_memory import on_gpu, xp
 from xmoe.event import current_stream
 from xmoe.interop import BFLOAT16, Origin, as_array, to_origin
@@ -60,7 +60,8 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
     x_array, origin = as_array(x, "x")
     check_array(x_array, origin, "x", BFLOAT16, (None, None))
     num_tokens, hidden = x_array.shape
-    num_ranks = 1 if group is None else _group(group).world_size
+    group = None if group is None else as_group(group)
+    num_ranks = 1 if group is None else group.world_size
     router_array, router_origin = as_array(w_router, "w_router")
     check_array(router_array, router_origin, "w_router", BFLOAT16, (hidden, None), " ([hidden, experts])")
     num_experts = router_array.shape[1]
@@ -81,7 +82,7 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
                            origin)
         y = _to_bf16_bits(rows)
     else:
-        buffer = _buffer(_group(group), num_tokens, hidden, num_experts, top_k)
+        buffer = _buffer(group, num_tokens, hidden, num_experts, top_k)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
         recv_x, recv_idx, recv_weights, _, handle, _ = buffer.dispatch(
             x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -173,12 +174,6 @@ def _to_bf16_bits(values: Any) -> Any:
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def _group(group: Any) -> runtime.Group:
-    from xmoe.arguments import as_group
-
-    return as_group(group)
-
-
 def _buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:
     """A Buffer of ``group`` that holds this call (collective: the largest token count of any rank
     sizes it, and every rank makes a new one when that outgrows the last)."""
@@ -218,7 +213,7 @@ class MoELayer:
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, group: Any = None,
                  num_shared_experts: int = 0, shared_ffn: int | None = None, framework: str | None = None,
                  seed: int = 0, **routing: Any) -> None:
-        self.group = None if group is None else _group(group)
+        self.group = None if group is None else as_group(group)
         ranks, rank = (1, 0) if self.group is None else (self.group.world_size, self.group.rank)
         self.hidden, self.ffn, self.num_experts, self.top_k = (check_int(name, value, 1) for name, value in (
             ("hidden", hidden), ("ffn", ffn), ("num_experts", num_experts), ("top_k", top_k)))
