@@ -85,7 +85,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         rows = [row for row in record["rows"]
                 if row["metric"] == metric and (row["baseline_name"] or "") == baseline_name]
         positions = range(len(rows))
-        bars = ax.bar([p - 0.2 for p in positions], [row["xmoe"] for row in rows], 0.4, label="xmoe")
+        bars = ax.bar([p - 0.2 for p in positions], [row["xmoe"] or 0 for row in rows], 0.4, label="xmoe")
         if baseline_name:
             ax.bar([p + 0.2 for p in positions], [row["baseline"] or 0 for row in rows], 0.4, label=baseline_name)
             ax.bar_label(bars, [f"{ratio(row):.2f}x" if ratio(row) is not None else "" for row in rows], fontsize=6)
