@@ -56,6 +56,7 @@ class Buffer:
             explicitly_destroy: DeepEP's transport options, accepted for its scripts: xmoe's
             peers are the PEs of one NVSHMEM job (stores where the GPUs reach each other, puts
             elsewhere), and a Buffer is released by :meth:`destroy` or when it is collected.
+        enable_shrink: must be False (DeepEP's masking of failed ranks is not supported).
     """
 
     #: The default grid of dispatch and combine (DeepEP's ``Buffer.num_sms``; None: the backend's).
