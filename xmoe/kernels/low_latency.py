@@ -78,6 +78,19 @@ def entries_before(topk_idx, t, k, expert, counter):
 
 
 @cuda.jit(device=True)
+def launch_call(phases, calls, pending, pending_slot):
+    """The number of the call this launch belongs to: a send launch numbers it
+    (:func:`call_number`) and leaves it in ``pending[pending_slot]``, where the receive-only
+    launch of the same call (a hook's) reads it."""
+    if phases & SEND:
+        seq = call_number(calls)
+        if cuda.blockIdx.x == 0 and cuda.threadIdx.x == 0:
+            pending[pending_slot] = seq
+        return seq
+    return pending[pending_slot]
+
+
+@cuda.jit(device=True)
 def source_block(meta, num_ranks, local_expert, source):
     """``(first row, rows)`` of ``source``'s tokens in a local expert's packed rows, from the
     senders' meta rows (counts per expert after the call shape and the rank counts)."""
@@ -142,12 +155,7 @@ def ll_dispatch_kernel(transport: Transport) -> Any:
         recv_src_info, recv_layout_range, recv_stats,
     ):
         tid = cuda.threadIdx.x
-        if phases & SEND:
-            seq = call_number(calls)
-            if cuda.blockIdx.x == 0 and tid == 0:
-                pending[pending_slot] = seq
-        else:
-            seq = pending[pending_slot]
+        seq = launch_call(phases, calls, pending, pending_slot)
         parity = seq & 1
         signals, meta = dispatch_signals[parity], dispatch_meta[parity]
         field_x, field_scales, field_src_idx = dispatch_x[parity], dispatch_scales[parity], dispatch_src_idx[parity]
@@ -237,12 +245,7 @@ def ll_combine_kernel(transport: Transport) -> Any:
         combine_meta, combine_words, rank, calls, pending, call_shape, work, timeout_ns, errors,
     ):
         tid = cuda.threadIdx.x
-        if phases & SEND:
-            seq = call_number(calls)
-            if cuda.blockIdx.x == 0 and tid == 0:
-                pending[pending_slot] = seq
-        else:
-            seq = pending[pending_slot]
+        seq = launch_call(phases, calls, pending, pending_slot)
         parity = seq & 1
         signals, meta = combine_signals[parity], combine_meta[parity]
         num_ranks = combine_signals.shape[1]

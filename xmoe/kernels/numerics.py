@@ -103,20 +103,38 @@ def power_of_two_above(value):
 AMAX_FLOOR = 1e-4
 
 
+@cuda.jit(device=True, inline=True)
+def largest_magnitude(row, first, count, amax):
+    """The largest of ``amax`` and ``|row[c]|`` for ``count`` channels from ``first`` (bfloat16 bits)."""
+    for c in range(first, first + count):
+        amax = max(amax, abs(bf16_to_f32(row[c])))
+    return amax
+
+
+@cuda.jit(device=True, inline=True)
+def fp8_scale(amax, round_scale):
+    """A group's float32 scale: ``amax / 448``, rounded up to a power of two with ``round_scale``."""
+    scale = amax / np.float32(E4M3_MAX)
+    if round_scale:
+        scale = power_of_two_above(scale)
+    return scale
+
+
+@cuda.jit(device=True, inline=True)
+def cast_channels(row, first, count, scale, out_row):
+    """``count`` channels of ``row`` from ``first`` (bfloat16 bits) times ``1 / scale`` as e4m3 bits."""
+    inverse = np.float32(1.0) / scale
+    for c in range(first, first + count):
+        out_row[c] = f32_to_e4m3(bf16_to_f32(row[c]) * inverse)
+
+
 @cuda.jit(device=True)
 def quantize_group(row, group, round_scale, out_row):
     """One thread: channels ``[128 * group, 128 * (group + 1))`` of ``row`` (uint16, bfloat16 bits)
     as e4m3 bits into ``out_row`` (uint8); returns the group's float32 scale."""
     first = group * FP8_GROUP
-    amax = np.float32(AMAX_FLOOR)
-    for c in range(first, first + FP8_GROUP):
-        amax = max(amax, abs(bf16_to_f32(row[c])))
-    scale = amax / np.float32(E4M3_MAX)
-    if round_scale:
-        scale = power_of_two_above(scale)
-    inverse = np.float32(1.0) / scale
-    for c in range(first, first + FP8_GROUP):
-        out_row[c] = f32_to_e4m3(bf16_to_f32(row[c]) * inverse)
+    scale = fp8_scale(largest_magnitude(row, first, FP8_GROUP, np.float32(AMAX_FLOOR)), round_scale)
+    cast_channels(row, first, FP8_GROUP, scale, out_row)
     return scale
 
 
@@ -133,24 +151,20 @@ def quantize_row(row, round_scale, out_row, scales_row, partial):
         per *= 2
     width = FP8_GROUP // per
     lane = tid % per
+    working = tid < (num_threads // per) * per
     for base in range(0, groups, num_threads // per):
         group = base + tid // per
         first = group * FP8_GROUP + lane * width
         amax = np.float32(AMAX_FLOOR)
-        if group < groups and tid < (num_threads // per) * per:
-            for c in range(first, first + width):
-                amax = max(amax, abs(bf16_to_f32(row[c])))
+        if group < groups and working:
+            amax = largest_magnitude(row, first, width, amax)
         partial[tid] = amax
         cuda.syncthreads()
-        if group < groups and tid < (num_threads // per) * per:
+        if group < groups and working:
             for j in range(tid - lane, tid - lane + per):
                 amax = max(amax, partial[j])
-            scale = amax / np.float32(E4M3_MAX)
-            if round_scale:
-                scale = power_of_two_above(scale)
-            inverse = np.float32(1.0) / scale
-            for c in range(first, first + width):
-                out_row[c] = f32_to_e4m3(bf16_to_f32(row[c]) * inverse)
+            scale = fp8_scale(amax, round_scale)
+            cast_channels(row, first, width, scale, out_row)
             if lane == 0:
                 scales_row[group] = scale
         cuda.syncthreads()
