@@ -94,3 +94,24 @@ def test_low_latency_bad_input(group):
     with pytest.raises(RuntimeError, match=r"ranks disagree on the call: rank \d has payload dtype"):
         buffer.low_latency_dispatch(x, idx, MAX_TOKENS, num_experts, use_fp8=group.rank == 0)
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_low_latency_missing_rank_raises(group, monkeypatch):
+    """A rank that does not call: the others' dispatch raises after the timeout, naming it, and
+    the Buffer refuses later calls (no hang)."""
+    import xmoe
+
+    monkeypatch.setenv("XMOE_TIMEOUT_S", "2")
+    to_device, _ = backend_io()
+    num_experts = 8
+    buffer = xmoe.Buffer(group, 0, xmoe.Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, 2, num_experts),
+                         low_latency_mode=True)
+    xs, idxs, _ = make_inputs(8, 2, num_experts)
+    if group.rank == 0:
+        with pytest.raises(RuntimeError, match=r"low_latency_dispatch: rank 1 never arrived within 2.0 s"):
+            buffer.low_latency_dispatch(to_device(xs[0]), to_device(idxs[0]), MAX_TOKENS, num_experts)
+        with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
+            buffer.low_latency_dispatch(to_device(xs[0]), to_device(idxs[0]), MAX_TOKENS, num_experts)
+    group.barrier()
+    buffer.destroy()

@@ -164,6 +164,7 @@ class LowLatencyMode:
         layout_range, layout_range_out = new_output((local, ranks), np.int64, origin, raw=True)
         meta = (CALL_CODES["low_latency_dispatch"], DTYPE_CODES["float8_e4m3fn" if use_fp8 else "bfloat16"],
                 2 * hidden, idx.shape[1], local, num_max_tokens)
+        state.begin("low_latency_dispatch", meta, config.timeout_s)  # names the call in an error report
         args = dict(pending_slot=self._slot(), x=words32(payload), x_bits=payload, topk_idx=idx, fp8=int(use_fp8),
                     round_scale=int(round_scale), recv_x=words32(recv_x), recv_scales=recv_scales,
                     recv_packed_scales=recv_packed, recv_count=recv_count, recv_src_info=src_info,
@@ -214,6 +215,7 @@ class LowLatencyMode:
             result_out = lambda: out  # noqa: E731 (the caller's own tensor comes back)
         source = words32(views["combine_send"]) if zero_copy else words32(payload)
         meta = (CALL_CODES["low_latency_combine"], DTYPE_CODES["bfloat16"], 2 * hidden, 0, local, num_max_tokens)
+        self.state.begin("low_latency_combine", meta, config.timeout_s)
         args = dict(pending_slot=self._slot(), x=source, src_info=handle.kernel_src_info,
                     layout_range=handle.kernel_layout_range, topk_idx=idx, topk_weights=weights, out=words32(result))
 
