@@ -33,7 +33,14 @@ from xmoe.comm.status import ERR_EXPERT_ID, describe
 from xmoe.config import Config
 from xmoe.device_memory import kernel_view, on_gpu
 from xmoe.ep.handle import DispatchHandle, LowLatencyHandle
-from xmoe.event import EventOverlap, HostPlan, StreamPlan, check_previous_event, stream_pointer
+from xmoe.event import (
+    EventOverlap,
+    HostPlan,
+    StreamPlan,
+    check_previous_event,
+    event_on_current_stream,
+    stream_pointer,
+)
 from xmoe.interop import BFLOAT16, as_array, dtype_name, framework_of, new_output, to_host
 from xmoe.layout.low_latency import low_latency_size_hint
 from xmoe.layout.symmetric import FP8_GROUP, size_hint
@@ -130,10 +137,7 @@ class Buffer:
         the PyTorch stream under torch, CuPy's otherwise; nothing to wait for on the simulator)."""
         if not on_gpu():
             return EventOverlap()
-        from xmoe.event import current_stream
-
-        framework = "torch" if "torch" in sys.modules else "cupy"
-        return EventOverlap(current_stream(framework).record(), framework)
+        return event_on_current_stream("torch" if "torch" in sys.modules else "cupy")
 
     # ----------------------------------------------------------------- sizes
     @staticmethod
@@ -470,11 +474,7 @@ class Buffer:
     @staticmethod
     def _low_latency_event(framework: str, async_finish: bool) -> EventOverlap:
         """An event after a low-latency call's work (on the caller's stream) with ``async_finish``."""
-        if not (async_finish and on_gpu()):
-            return EventOverlap()
-        from xmoe.event import current_stream
-
-        return EventOverlap(current_stream(framework).record(), framework)
+        return event_on_current_stream(framework) if async_finish and on_gpu() else EventOverlap()
 
     # ------------------------------------------------------------- lifetime
     def destroy(self) -> None:

@@ -81,6 +81,11 @@ class EventOverlap:
         self.current_stream_wait()
 
 
+def event_on_current_stream(framework: str) -> EventOverlap:
+    """An event recorded now on the caller's current stream (of ``framework``)."""
+    return EventOverlap(current_stream(framework).record(), framework)
+
+
 def check_previous_event(previous_event: Any) -> None:
     """``ValueError`` unless ``previous_event`` is None or an :class:`EventOverlap`."""
     if previous_event is not None and not isinstance(previous_event, EventOverlap):

@@ -234,8 +234,11 @@ class MoELayer:
 
     def _tensor(self, values: np.ndarray) -> Any:
         """``values`` as a bfloat16 tensor of the layer's framework, on the device."""
-        bits = xp().asarray(np.ascontiguousarray(values.astype(BFLOAT16)).view(np.uint16))
-        return to_origin(bits, _bf16_origin(self.framework), "bfloat16")
+        return self._hold(xp().asarray(np.ascontiguousarray(values.astype(BFLOAT16)).view(np.uint16)))
+
+    def _hold(self, bits: Any) -> Any:
+        """Backend bfloat16 bits as a contiguous bfloat16 tensor of the layer's framework."""
+        return to_origin(xp().ascontiguousarray(bits), Origin(self.framework, "bfloat16"), "bfloat16")
 
     def forward(self, x: Any, return_aux: bool = False) -> Any:
         """:func:`moe` of this rank's tokens ``x`` (bfloat16 ``[tokens, hidden]``) with the layer's weights."""
@@ -257,22 +260,14 @@ class MoELayer:
                 raise ValueError(f"{prefix + name}: expected bfloat16, got {origin.dtype}")
             return array
 
-        def stack(parts: list) -> Any:
-            return to_origin(xp().ascontiguousarray(xp().stack(parts)), _bf16_origin(self.framework), "bfloat16")
-
         rank = 0 if self.group is None else self.group.rank
         experts = range(rank * self.num_local_experts, (rank + 1) * self.num_local_experts)
         router = get("gate.weight")
-        self.w_router = to_origin(xp().ascontiguousarray(router.T), _bf16_origin(self.framework), "bfloat16")
-        self.w_up = stack([xp().concatenate([get(f"experts.{e}.gate_proj.weight"),
-                                             get(f"experts.{e}.up_proj.weight")]) for e in experts])
-        self.w_down = stack([get(f"experts.{e}.down_proj.weight") for e in experts])
+        self.w_router = self._hold(router.T)
+        self.w_up = self._hold(xp().stack([xp().concatenate([get(f"experts.{e}.gate_proj.weight"),
+                                             get(f"experts.{e}.up_proj.weight")]) for e in experts]))
+        self.w_down = self._hold(xp().stack([get(f"experts.{e}.down_proj.weight") for e in experts]))
         if self.shared is not None:
             base = "shared_experts." if prefix + "shared_experts.gate_proj.weight" in state else "shared_expert."
             up = xp().concatenate([get(base + "gate_proj.weight"), get(base + "up_proj.weight")])
-            self.shared = (to_origin(xp().ascontiguousarray(up), _bf16_origin(self.framework), "bfloat16"),
-                           to_origin(get(base + "down_proj.weight"), _bf16_origin(self.framework), "bfloat16"))
-
-
-def _bf16_origin(framework: str) -> Origin:
-    return Origin(framework, "bfloat16")
+            self.shared = (self._hold(up), self._hold(get(base + "down_proj.weight")))
