@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -20,10 +22,12 @@ def test_expert_mlp_matches_the_dense_layer():
     assert _load("expert_mlp").run() < 0.05
 
 
+@pytest.mark.sim  # NumPy arrays into the kernels, ranks under mpiexec: the simulator's example
 def test_moe_numpy_matches_the_reference():
     assert _load("moe_numpy").run() < 0.05
 
 
+@pytest.mark.sim
 def test_notebook_runs_on_the_simulator():
     """examples/notebooks/dispatch_combine.ipynb executes top to bottom with no error, and its
     checks print differences within bfloat16 rounding."""

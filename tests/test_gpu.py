@@ -421,3 +421,29 @@ def test_gpu_packed_arguments_match_numba():
                            for value in numba_args)
     assert all(isinstance(v, int) or ctypes.sizeof(v) == 8 for v in numba_args)
     assert b"".join(pack(args)[1]) == numba_bytes
+
+
+def test_gpu_prepared_launch_owns_its_arrays():
+    """A launch prepared with a scratch array that nothing else holds keeps it alive: the packed
+    bytes hold only its pointer, and CuPy's pool would hand the freed block to the next
+    allocation of its size, which the launch would then write into (the low-latency dispatch's
+    count scratch overwrote a combine's call-shape words so on the H200)."""
+    import gc
+
+    import cupy
+    from numba import cuda
+
+    from xmoe.device_memory import kernel_view
+    from xmoe.kernels.launch import Prepared
+
+    @cuda.jit
+    def fill(out, value):
+        for i in range(cuda.threadIdx.x, out.shape[0], cuda.blockDim.x):
+            out[i] = value
+
+    prepared = Prepared(fill, 1, 64, dict(out=kernel_view(cupy.zeros(4096, np.int32)), value=7), ())
+    gc.collect()
+    probe = cupy.zeros(4096, np.int32)  # the pool's most recently freed block of this size, if any
+    prepared(0)
+    cupy.cuda.Device().synchronize()
+    assert int(cupy.count_nonzero(probe)) == 0

@@ -14,6 +14,15 @@ from xmoe.testing.low_latency import HIDDEN, MAX_TOKENS, check_combine, check_di
 RANKS = [pytest.param(2, marks=pytest.mark.mpi(ranks=2)), pytest.param(4, marks=pytest.mark.mpi(ranks=4))]
 
 
+def settled(buffer, call):
+    """``call()``, then, once its kernels have ended (a copy of its ``recv_count`` to the host),
+    the error a kernel left: on the GPU a call returns before its kernels run."""
+    result = call()
+    backend_io()[1](result[1])
+    buffer._low_latency.state.raise_on_error()
+    return result
+
+
 @pytest.mark.parametrize("ranks", RANKS)
 def test_low_latency_dispatch_combine(group, ranks):
     """bf16, FP8 with float32 scales, FP8 with UE8M0 scales, each with and without a hook; a rank
@@ -92,7 +101,7 @@ def test_low_latency_bad_input(group):
     with pytest.raises(ValueError, match="use_logfmt"):
         buffer.low_latency_combine(x, idx, to_device(weights[group.rank]), handle, use_logfmt=True)
     with pytest.raises(RuntimeError, match=r"ranks disagree on the call: rank \d has payload dtype"):
-        buffer.low_latency_dispatch(x, idx, MAX_TOKENS, num_experts, use_fp8=group.rank == 0)
+        settled(buffer, lambda: buffer.low_latency_dispatch(x, idx, MAX_TOKENS, num_experts, use_fp8=group.rank == 0))
     buffer.destroy()
 
 
@@ -110,7 +119,8 @@ def test_low_latency_missing_rank_raises(group, monkeypatch):
     xs, idxs, _ = make_inputs(8, 2, num_experts)
     if group.rank == 0:
         with pytest.raises(RuntimeError, match=r"low_latency_dispatch: rank 1 never arrived within 2.0 s"):
-            buffer.low_latency_dispatch(to_device(xs[0]), to_device(idxs[0]), MAX_TOKENS, num_experts)
+            settled(buffer, lambda: buffer.low_latency_dispatch(to_device(xs[0]), to_device(idxs[0]), MAX_TOKENS,
+                                                                num_experts))
         with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
             buffer.low_latency_dispatch(to_device(xs[0]), to_device(idxs[0]), MAX_TOKENS, num_experts)
     group.barrier()

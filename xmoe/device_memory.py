@@ -133,8 +133,8 @@ def data_pointer(array: Any) -> int:
 def kernel_view(array: Any) -> Any:
     """A backend array as the kernels take it cheapest: a :class:`DeviceArray` over a CuPy
     array's memory on the GPU (packing a CuPy array for a launch costs a few us), the array
-    itself on the simulator."""
-    if isinstance(array, np.ndarray):
+    itself on the simulator; a :class:`DeviceArray` as it is."""
+    if isinstance(array, np.ndarray) or type(array) is DeviceArray:
         return array
     return DeviceArray(array.data.ptr, tuple(array.shape), array.dtype, array)
 

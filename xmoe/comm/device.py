@@ -209,12 +209,12 @@ def put_transport() -> Transport:
 
     @cuda.jit(device=True)
     def put_meta(peers, local, dst, rank, i, value):
-        p(local[rank, i : i + 1], value, dst)
+        p(contiguous(local[rank, i : i + 1]), value, dst)
 
     @cuda.jit(device=True)
     def put_signal(peers, local, dst, rank, value):
         quiet()
-        atomic_set(local[rank : rank + 1], value, dst)
+        atomic_set(contiguous(local[rank : rank + 1]), value, dst)
 
     @cuda.jit(device=True)
     def quiet_all():

@@ -246,6 +246,11 @@ class Prepared:
             self.args = dict(args)
             return
         compiled, self.blocks, packed = _packed(kernel, self.blocks, self.threads, values, spins)
+        # The packed bytes hold raw pointers: the launch owns the arrays behind them, or a
+        # scratch array made for it alone would be freed and its memory handed to another
+        # (seen on the H200: a low-latency dispatch's count scratch, freed, became the next
+        # combine's call-shape words, which the dispatch then overwrote with its counts).
+        self._held = tuple(value for name, value in zip(names, values) if name not in per_call)
         self.slots: dict[str, tuple[int, Any]] = {}  # name -> byte offset, how to pack (None: an int)
         offset = 0
         for name, arg, arg_bytes in zip(names, values, packed):
