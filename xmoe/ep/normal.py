@@ -30,15 +30,16 @@ from xmoe.layout.symmetric import CALL_CODES, DTYPE_CODES, SymmetricLayout, size
 _WORDS = {w: np.dtype(f"u{w}") for w in (8, 4, 2, 1)}
 
 
-def as_words(payload: Any) -> Any:
-    """The rows of ``payload`` ``[rows, hidden]`` as the widest unsigned words (at most 8 bytes)
-    that divide a row and the address."""
+def as_words(payload: Any, word: np.dtype | None = None) -> Any:
+    """The rows of ``payload`` ``[rows, hidden]`` as unsigned ``word``s; by default the widest (at
+    most 8 bytes) that divide a row and the address."""
     row_bytes = payload.shape[1] * payload.itemsize
-    span = row_bytes | data_pointer(payload) | 8
-    word = span & -span  # its lowest set bit: the widest power of two dividing both, at most 8
+    if word is None:
+        span = row_bytes | data_pointer(payload) | 8
+        word = _WORDS[span & -span]  # its lowest set bit: the widest power of two dividing both, at most 8
     if type(payload) is DeviceArray:
-        return DeviceArray(payload.ptr, (payload.shape[0], row_bytes // word), _WORDS[word], payload.owner)
-    return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(_WORDS[word])
+        return DeviceArray(payload.ptr, (payload.shape[0], row_bytes // word.itemsize), word, payload.owner)
+    return payload.view(np.uint8).reshape(payload.shape[0], row_bytes).view(word)
 
 
 def _unused_by_cached_dispatch() -> dict[str, Any]:
@@ -78,7 +79,7 @@ class NormalMode:
             prepared = self._launches[key] = build()
         return prepared
 
-    def _dispatch_launch(self, phases: int, layout: SymmetricLayout, word: np.dtype, recv_word: np.dtype,
+    def _dispatch_launch(self, phases: int, layout: SymmetricLayout, word: np.dtype,
                          call_shape: tuple[int, ...], config: Config, args: dict[str, Any],
                          unused: Any = dict) -> Prepared:
         """The dispatch launch of ``phases`` for ``layout``, these word types and this call shape,
@@ -92,11 +93,11 @@ class NormalMode:
                          timeout_ns=config.timeout_ns, errors=status.errors, ready=status.ready,
                          rank_counts=status.rank_counts, recv_expert_counts=status.expert_counts,
                          sent_per_rank=self._sent_per_rank, call_shape=state.call_shape(call_shape),
-                         halves=state.halves(layout, DISPATCH_FIELDS, (word, recv_word)))
+                         halves=state.halves(layout, DISPATCH_FIELDS, word))
             return Prepared(dispatch_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
                             fixed | unused() | args, tuple(args), spins=bool(phases & (RECEIVE | NOTIFY)))
 
-        return self._prepared(("dispatch", phases, id(layout), word, recv_word, call_shape, config), build)
+        return self._prepared(("dispatch", phases, id(layout), word, call_shape, config), build)
 
     def _begin(self, call: str, origin: Origin, row_bytes: int, num_topk: int, num_local_experts: int,
                timeout_s: float) -> tuple[tuple[int, ...], int]:
@@ -135,7 +136,7 @@ class NormalMode:
             no_rows = dict(recv_x=empty((0, 0), words.dtype), recv_x_scales=empty((0, 0), np.float32),
                            recv_src_idx=empty((0,), np.int32),
                            recv_topk_idx=empty((0, 0), np.int64), recv_topk_weights=empty((0, 0), np.float32))
-            self._dispatch_launch(NOTIFY | SEND, layout, words.dtype, words.dtype, meta, config,
+            self._dispatch_launch(NOTIFY | SEND, layout, words.dtype, meta, config,
                                   sends | no_rows)(plan.pointer, **sends, **no_rows)
             StreamPlan.waited_s += state.wait_for_counts(seq, config.timeout_s)
             counts, per_expert = state.status.counts(num_local_experts)
@@ -147,10 +148,10 @@ class NormalMode:
         recv_idx, recv_idx_out = new_output((num_recv, k), np.int64, origin, raw=True)
         recv_weights, recv_weights_out = new_output((num_recv, k), np.float32, origin, raw=True)
         recv_scales, recv_x_out = self._with_scales(recv_x_out, num_recv, scales.shape[1], origin)
-        recv_words = as_words(recv_x)
+        recv_words = as_words(recv_x, words.dtype)  # a new tensor: aligned for any word
         receives = dict(recv_x=recv_words, recv_x_scales=recv_scales, recv_src_idx=recv_src_idx,
                         recv_topk_idx=recv_idx, recv_topk_weights=recv_weights)
-        self._dispatch_launch(phases, layout, words.dtype, recv_words.dtype, meta, config,
+        self._dispatch_launch(phases, layout, words.dtype, meta, config,
                               sends | receives)(plan.pointer, **sends, **receives)
         handle = self._handle(counts, per_expert, num_recv, routing.is_token_in_rank, send_slot, recv_offsets,
                               recv_src_idx, alignment, num_local_experts, k, layout.capacity)
@@ -164,13 +165,14 @@ class NormalMode:
         recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin, bits_of(origin),
                                         raw=True)
         recv_scales, recv_x_out = self._with_scales(recv_x_out, handle.num_recv, scales.shape[1], origin)
-        words, recv_words = as_words(payload), as_words(recv_x)
+        words = as_words(payload)
+        recv_words = as_words(recv_x, words.dtype)
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self.layout(row_bytes, 0, payload.shape[0], "dispatch", scales.shape[1])
         meta, _ = self._begin("dispatch", origin, row_bytes, 0, handle.num_local_experts, config.timeout_s)
         args = dict(x=words, x_scales=scales, send_slot=handle.send_slot, recv_offsets=handle.recv_offsets,
                     recv_x=recv_words, recv_x_scales=recv_scales, recv_src_idx=handle.recv_src_idx)
-        launch = self._dispatch_launch(SEND | RECEIVE, layout, words.dtype, recv_words.dtype, meta, config, args,
+        launch = self._dispatch_launch(SEND | RECEIVE, layout, words.dtype, meta, config, args,
                                        _unused_by_cached_dispatch)
         launch(plan.pointer, **args)
         self.state.raise_on_error()
@@ -214,7 +216,8 @@ class NormalMode:
             out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin, raw=True)
         else:
             weights, out_weights = empty((handle.num_recv, 0), np.float32), empty((num_tokens, 0), np.float32)
-        words, out_words = as_words(payload), as_words(out)
+        words = as_words(payload)
+        out_words = as_words(out, words.dtype)  # a new tensor: aligned for any word
         row_bytes = payload.shape[1] * payload.itemsize
         layout = self.layout(row_bytes, weights.shape[1], handle.max_recv_per_source, "combine")
         meta, _ = self._begin("combine", origin, row_bytes, weights.shape[1], handle.num_local_experts,
@@ -226,11 +229,11 @@ class NormalMode:
         def build() -> Prepared:
             fixed = dict(peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
                          timeout_ns=config.timeout_ns, errors=state.status.errors, call_shape=state.call_shape(meta),
-                         halves=state.halves(layout, COMBINE_FIELDS, (words.dtype, out_words.dtype)))
-            return Prepared(combine_kernel(transport(config.force_put), element, out_words.dtype), config.num_sms,
+                         halves=state.halves(layout, COMBINE_FIELDS, words.dtype))
+            return Prepared(combine_kernel(transport(config.force_put), element, words.dtype), config.num_sms,
                             config.num_threads, fixed | args, tuple(args), spins=True)
 
-        key = ("combine", id(layout), element, words.dtype, out_words.dtype, meta, config)
+        key = ("combine", id(layout), element, words.dtype, meta, config)
         self._prepared(key, build)(plan.pointer, **args)
         state.raise_on_error()
         return out_finish(), out_weights_finish() if has_weights else None

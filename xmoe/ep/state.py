@@ -58,16 +58,15 @@ class BufferState:
             self._layouts[key] = symmetric_layout(self.nbytes, self.num_ranks, *key) if fits else None
         return self._layouts[key]
 
-    def halves(self, layout: SymmetricLayout, names: tuple[str, ...], words: tuple[np.dtype, np.dtype]) -> tuple:
+    def halves(self, layout: SymmetricLayout, names: tuple[str, ...], word: np.dtype) -> tuple:
         """For each parity half, this rank's view of every field in ``names`` as the kernels take
-        them, the ``x`` field as the sender's payload words (``words[0]``), then ``x`` again as
-        the receiver's (``words[1]``). A kernel picks the half of its call on the device."""
-        key = (id(layout), names, words)
+        them, the ``x`` field as payload words of type ``word`` (the sender's and the receiver's
+        alike). A kernel picks the half of its call on the device."""
+        key = (id(layout), names, word)
         halves = self._halves.get(key)
         if halves is None:
             halves = self._halves[key] = tuple(
-                tuple(self._view(layout, parity, name, words[0]) for name in names)
-                + (self._view(layout, parity, "x", words[1]),) for parity in (0, 1))
+                tuple(self._view(layout, parity, name, word) for name in names) for parity in (0, 1))
         return halves
 
     def _view(self, layout: SymmetricLayout, parity: int, name: str, word: np.dtype) -> Any:

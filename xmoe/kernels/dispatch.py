@@ -12,9 +12,12 @@ One kernel, three phases (a bit mask, so that a launch runs any of them in order
 2. ``SEND``: every token row (payload words, FP8 scales, source index, local top-k ids and weights)
    goes straight into slot ``send_slot[t, dst]`` of this rank's region in each
    destination (stores or NVSHMEM puts); the block that finishes the last token raises
-   the data signal in every destination.
+   the data signal in every destination. The payload of a row this rank keeps stays in
+   ``x`` (only its small fields go into its own region).
 3. ``RECEIVE``: waits, bounded, for every source's data signal and a matching call shape,
-   then moves the received rows, ordered by source rank then by source token, into the outputs.
+   then moves the received rows, ordered by source rank then by source token, into the
+   outputs; the rows this rank kept come straight from ``x`` (one copy instead of two: on
+   one GPU shared by 2 PEs half the rows are kept, and HBM traffic is the cost).
 
 A dispatch without a handle launches 1+2, then 3 once the host has sized the outputs;
 into worst-case-sized outputs (``num_worst_tokens``) it launches 1+2+3 at once, and a
@@ -127,7 +130,7 @@ def check_threads(num_threads: int) -> None:
 
 
 #: The symmetric fields the dispatch kernel takes per parity half, in its order (``x`` as the
-#: sender's payload words; ``x`` again, as the receiver's, follows them).
+#: payload's words).
 DISPATCH_FIELDS = ("x", "src_idx", "topk_idx", "topk_weights", "scales", "meta", "signals", "notify_signals")
 
 
@@ -136,7 +139,8 @@ def dispatch_kernel(transport: Transport) -> Any:
     """The dispatch kernel for ``transport`` (built, and compiled, on first use); see the module.
 
     ``halves``: for each parity half of the symmetric block, this rank's view of the
-    :data:`DISPATCH_FIELDS` (x as ``x``'s words), then x again as ``recv_x``'s words; ``x_scales`` / ``recv_x_scales``: an FP8 payload's
+    :data:`DISPATCH_FIELDS` (x as words of ``x``'s type, which ``recv_x`` shares: kept rows
+    are copied from ``x`` into ``recv_x``, and the receive launch reads ``x`` too); ``x_scales`` / ``recv_x_scales``: an FP8 payload's
     float32 scales ``[rows, hidden / 128]`` (``[rows, 0]`` otherwise), moved with their rows; the call's number (:func:`call_number`) picks the half
     (``peers``: the byte offsets of the peers' blocks). ``call_shape``: int32, this call's
     meta words (``layout/symmetric.py``); ``call_id``: the host's number of the call, left in
@@ -158,7 +162,7 @@ def dispatch_kernel(transport: Transport) -> Any:
     ):
         seq = call_number(calls)
         (local_x, local_src_idx, local_topk_idx, local_topk_weights, local_scales, local_meta, local_signals,
-         local_notify_signals, field_x) = halves[1] if seq & 1 else halves[0]
+         local_notify_signals) = halves[1] if seq & 1 else halves[0]
         tid = cuda.threadIdx.x
         num_threads = cuda.blockDim.x
         num_topk = topk_idx.shape[1]
@@ -194,7 +198,8 @@ def dispatch_kernel(transport: Transport) -> Any:
                     for dst in range(num_ranks):
                         slot = send_slot[t, dst]
                         if slot >= 0:
-                            write_row(peers, local_x, dst, rank, slot, x[t])
+                            if dst != rank:  # a row this rank keeps is copied from x by the receive
+                                write_row(peers, local_x, dst, rank, slot, x[t])
                             for j in range(tid, num_topk, num_threads):
                                 local = topk_idx[t, j] - dst * num_local_experts
                                 if topk_idx[t, j] < 0 or local < 0 or local >= num_local_experts:
@@ -227,7 +232,10 @@ def dispatch_kernel(transport: Transport) -> Any:
                         if row < received:
                             src = source_of_row(recv_offsets, row)
                             slot = row - recv_offsets[src]
-                            copy_row(recv_x[row], field_x[src, slot, :num_words])
+                            if src == rank:
+                                copy_row(recv_x[row], x[local_src_idx[src, slot, 0]])
+                            else:
+                                copy_row(recv_x[row], local_x[src, slot, :num_words])
                             for j in range(tid, num_topk, num_threads):
                                 recv_topk_idx[row, j] = local_topk_idx[src, slot, j]
                                 recv_topk_weights[row, j] = local_topk_weights[src, slot, j]
