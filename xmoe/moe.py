@@ -12,7 +12,7 @@ and combine. Shared experts (a dense SwiGLU MLP every token goes through) are ad
 Between the kernels the index math (sort the pairs by expert, gather the rows, add them back)
 runs on the backend's arrays (CuPy on the GPU, NumPy on the simulator), and the host reads
 the number of pairs (one synchronisation a call). Not yet here (issue 16): the chunked
-overlap of dispatch and experts, and autograd (``nn.py``).
+overlap of dispatch and experts. Autograd is PyTorch's adapter, ``nn.py``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
                            origin)
         y = _to_bf16_bits(rows)
     else:
-        buffer = _buffer(group, num_tokens, hidden, num_experts, top_k)
+        buffer = layer_buffer(group, num_tokens, hidden, num_experts, top_k)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
         recv_x, recv_idx, recv_weights, _, handle, _ = buffer.dispatch(
             x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -174,7 +174,7 @@ def _to_bf16_bits(values: Any) -> Any:
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def _buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:
+def layer_buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:
     """A Buffer of ``group`` that holds this call (collective: the largest token count of any rank
     sizes it, and every rank makes a new one when that outgrows the last)."""
     from xmoe.buffer import Buffer
