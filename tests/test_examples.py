@@ -50,3 +50,8 @@ def test_moe_torch_trains():
     pytest.importorskip("torch")
     losses = _load("moe_torch").run()
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_moe_jax_matches_the_reference():
+    pytest.importorskip("jax")
+    assert _load("moe_jax").run() < 0.05
