@@ -55,3 +55,15 @@ def test_moe_torch_trains():
 def test_moe_jax_matches_the_reference():
     pytest.importorskip("jax")
     assert _load("moe_jax").run() < 0.05
+
+
+@pytest.mark.mpi(ranks=2)
+def test_moe_jax_without_x64_names_the_setting(group):
+    jax = pytest.importorskip("jax")
+    import xmoe
+
+    jax.config.update("jax_enable_x64", False)
+    x = jax.numpy.zeros((4, 64), jax.numpy.bfloat16)
+    w = jax.numpy.zeros((2, 64, 64), jax.numpy.bfloat16)
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        xmoe.moe(x, jax.numpy.zeros((64, 4), jax.numpy.bfloat16), w, w[:, :, :32], 2, group=group)

@@ -74,6 +74,12 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
     down, down_origin = as_array(w_down, "w_down")
     check_array(down, down_origin, "w_down", BFLOAT16, (local, hidden, ffn), " ([local experts, hidden, ffn])")
     top_k = check_int("top_k", top_k, 1)
+    if origin.framework == "jax" and num_ranks > 1:
+        import jax
+
+        if not jax.config.jax_enable_x64:  # the router's int64 top-k ids would come back as int32
+            raise ValueError("x: JAX arrays across ranks need jax.config.update('jax_enable_x64', True) "
+                             "(dispatch takes int64 top-k ids)")
     logits = router_logits(x, w_router)
     idx, weights, counts = select_experts(logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
                                           topk_group=topk_group, renormalize=renormalize, scaling=scaling)
