@@ -82,7 +82,8 @@ class NormalMode:
     def _dispatch_launch(self, phases: int, layout: SymmetricLayout, word: np.dtype,
                          call_shape: tuple[int, ...], config: Config, args: dict[str, Any],
                          unused: Any = dict) -> Prepared:
-        """The dispatch launch of ``phases`` for ``layout``, these word types and this call shape,
+        """The dispatch launch of ``phases`` for ``layout``, payload words ``word`` (``x``'s and
+        ``recv_x``'s) and this call shape,
         prepared once with ``args`` (the per-call arrays) and ``unused()`` (what these phases
         do not read)."""
         state = self.state
