@@ -25,7 +25,7 @@ def weights(seed: int, num_experts: int, shared_ffn: int = 0) -> dict:
     return layer
 
 
-def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: int = 0) -> None:
+def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: int = 0, config=None) -> None:
     import xmoe
 
     to_device, to_host = backend_io()
@@ -37,7 +37,7 @@ def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: i
     mine = slice(me * local, (me + 1) * local)
     shared = tuple(to_device(w) for w in layer["shared"]) if shared_ffn else None
     y = xmoe.moe(to_device(xs[me]), to_device(layer["w_router"]), to_device(layer["w_up"][mine]),
-                 to_device(layer["w_down"][mine]), TOPK, group=group, shared=shared)
+                 to_device(layer["w_down"][mine]), TOPK, group=group, shared=shared, config=config)
     want = reference.moe(xs, layer["w_router"], layer["w_up"], layer["w_down"], TOPK,
                          shared=layer.get("shared"))[me]
     got = to_host(y)
@@ -75,6 +75,16 @@ def test_moe_across_ranks(group, ranks):
     run(group, [0] + [11] * (ranks - 1), 4 * ranks, shared_ffn=16, seed=2)
 
 
+@pytest.mark.mpi(ranks=2)
+def test_moe_in_chunks(group):
+    """Config(num_chunks=n): dispatch of chunk i + 1 beside the experts of chunk i give the same
+    layer, with more chunks than one rank's tokens (its later chunks are empty) and shared experts."""
+    import xmoe
+
+    run(group, [13, 2], 8, config=xmoe.Config(num_chunks=3))
+    run(group, [16, 9], 8, shared_ffn=16, seed=3, config=xmoe.Config(num_chunks=4))
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(x=np.zeros((4, HIDDEN), np.float32)), "x: expected dtype bfloat16"),
     (dict(w_up=np.zeros((3, 2 * FFN, HIDDEN), BFLOAT16)), r"w_up: expected shape \[8, \*, 64\]"),
@@ -82,6 +92,8 @@ def test_moe_across_ranks(group, ranks):
     (dict(w_router=np.zeros((HIDDEN + 8, 8), BFLOAT16)), r"w_router: expected shape \[64, \*\]"),
     (dict(top_k=0), "top_k=0"),
     (dict(shared=(np.zeros((16, HIDDEN), BFLOAT16),)), "shared: expected"),
+    (dict(config="chunks"), "config: expected an xmoe.Config"),
+    (dict(config="num_chunks=0"), r"config.num_chunks=0: must be an int >= 1"),
 ])
 def test_moe_bad_input(change, message):
     """Wrong dtypes and shapes raise ValueError naming the argument (a world of one)."""
@@ -91,6 +103,8 @@ def test_moe_bad_input(change, message):
     layer = weights(0, 8)
     args = dict(x=np.ones((4, HIDDEN), BFLOAT16), w_router=layer["w_router"], w_up=layer["w_up"],
                 w_down=layer["w_down"], top_k=TOPK, shared=None) | change
+    if args.get("config") == "num_chunks=0":
+        args["config"] = xmoe.Config(num_chunks=0)
     tensors = {k: to_device(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
     if isinstance(tensors["shared"], tuple):
         tensors["shared"] = tuple(to_device(w) for w in tensors["shared"])

@@ -36,6 +36,10 @@ class Config:
             (None: ``XMOE_TIMEOUT_S`` from the environment, else 60 s).
         force_put: write into peers with NVSHMEM puts even where stores reach them
             (None: ``XMOE_FORCE_PUT=1`` in the environment); the cuda backend only.
+        num_chunks: read by :func:`xmoe.moe` only: its tokens are split into this many chunks,
+            so that the dispatch of chunk i + 1 and the combine of chunk i - 1 (on the Buffer's
+            communication stream) overlap the experts of chunk i (on the caller's stream). The
+            same on every rank; 1: no split.
     """
 
     num_sms: int | None = None
@@ -47,6 +51,7 @@ class Config:
     num_threads: int | None = None
     timeout_s: float | None = None
     force_put: bool | None = None
+    num_chunks: int = 1
 
     @property
     def timeout_ns(self) -> int:
@@ -78,6 +83,8 @@ def _resolve(config: Config, backend: str, num_sms: int | None, env_timeout: str
         raise ValueError(f"config.num_threads={resolved.num_threads}: must be in [1, 1024]")
     if not resolved.timeout_s > 0:
         raise ValueError(f"config.timeout_s={resolved.timeout_s}: must be > 0")
+    if not (isinstance(resolved.num_chunks, int) and resolved.num_chunks >= 1):
+        raise ValueError(f"config.num_chunks={resolved.num_chunks!r}: must be an int >= 1")
     if resolved.force_put and backend != "cuda":
         raise ValueError("config.force_put=True: NVSHMEM puts need the cuda backend")
     return resolved

@@ -11,20 +11,26 @@ and combine. Shared experts (a dense SwiGLU MLP every token goes through) are ad
 
 Between the kernels the index math (sort the pairs by expert, gather the rows, add them back)
 runs on the backend's arrays (CuPy on the GPU, NumPy on the simulator), and the host reads
-the number of pairs (one synchronisation a call). Not yet here (issue 16): the chunked
-overlap of dispatch and experts. Autograd is PyTorch's adapter, ``nn.py``.
+the number of pairs (on one rank; across ranks dispatch's per-expert counts give it). With
+``Config(num_chunks=n)`` the tokens go in n chunks: the dispatch of chunk i + 1 and the
+combine of chunk i - 1 run on the Buffer's communication stream while the experts of chunk i
+run on the caller's stream; shared experts run on a second stream from the start. Autograd
+is PyTorch's adapter, ``nn.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import nullcontext
+from functools import lru_cache
+from typing import Any, Callable
 
 import numpy as np
 
 from xmoe import runtime
 from xmoe.arguments import as_group, check_array, check_int
 from xmoe.device_memory import on_gpu, xp
-from xmoe.event import current_stream
+from xmoe.config import Config
+from xmoe.event import EventOverlap, current_stream, event_on_current_stream
 from xmoe.interop import BFLOAT16, Origin, as_array, to_origin
 
 #: Buffers ``moe`` made, per (group, hidden, experts, top-k): (tokens per rank they hold, Buffer).
@@ -33,7 +39,8 @@ _BUFFERS: dict[tuple, tuple[int, Any]] = {}
 
 def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any = None, scoring: str = "softmax",
         bias: Any = None, n_group: int | None = None, topk_group: int | None = None, renormalize: bool = True,
-        scaling: float = 1.0, shared: tuple[Any, Any] | None = None, return_aux: bool = False) -> Any:
+        scaling: float = 1.0, shared: tuple[Any, Any] | None = None, return_aux: bool = False,
+        config: Config | None = None) -> Any:
     """One MoE layer: ``y[t] = sum_k weight[t, k] * expert_k(x[t]) (+ shared(x[t]))``.
 
     Args:
@@ -50,6 +57,9 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
         shared: ``(w_shared_up bfloat16 [2 * shared_ffn, hidden], w_shared_down bfloat16
             [hidden, shared_ffn])``, a dense SwiGLU MLP added for every token, or None.
         return_aux: also return this rank's auxiliary losses (see :func:`aux_losses`).
+        config: the Buffer's :class:`xmoe.Config` for dispatch and combine, and
+            ``num_chunks``: the tokens split into that many chunks so that communication
+            overlaps the experts (the same on every rank). None: the defaults, one chunk.
 
     Returns:
         bfloat16 ``[tokens, hidden]``, the caller's tensor type; with ``return_aux``, the tuple
@@ -80,29 +90,88 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
         if not jax.config.jax_enable_x64:  # the router's int64 top-k ids would come back as int32
             raise ValueError("x: JAX arrays across ranks need jax.config.update('jax_enable_x64', True) "
                              "(dispatch takes int64 top-k ids)")
-    logits = router_logits(x, w_router)
-    idx, weights, counts = select_experts(logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
-                                          topk_group=topk_group, renormalize=renormalize, scaling=scaling)
-    if num_ranks == 1:
-        rows = expert_rows(x_array, as_array(idx, "topk_idx")[0], as_array(weights, "topk_weights")[0], up, down,
-                           origin)
-        y = _to_bf16_bits(rows)
-    else:
-        buffer = layer_buffer(group, num_tokens, hidden, num_experts, top_k)
-        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
-        recv_x, recv_idx, recv_weights, _, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            topk_idx=idx, topk_weights=weights)
-        rows = expert_rows(as_array(recv_x, "recv_x")[0], as_array(recv_idx, "recv_topk_idx")[0],
-                           as_array(recv_weights, "recv_topk_weights")[0], up, down, origin)
-        combined, _, _ = buffer.combine(to_origin(_to_bf16_bits(rows), origin, "bfloat16"), handle)
-        y = as_array(combined, "combined")[0]
-    if shared is not None:
-        y = _to_bf16_bits(_bf16_to_f32(y) + _shared_mlp(x_array, shared, origin))
+    shared_weights = None if shared is None else _shared_weights(shared, hidden)
+    config = _check_config(config)
+    stream = current_stream(origin.framework) if on_gpu() else None
+    with stream or nullcontext():  # CuPy's index math on the caller's stream, with the kernels
+        logits = router_logits(x, w_router)
+        idx, weights, counts = select_experts(logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
+                                              topk_group=topk_group, renormalize=renormalize, scaling=scaling)
+        shared_rows = None if shared is None else _start_shared_mlp(x_array, shared_weights, stream)
+        if num_ranks == 1:
+            y = _to_bf16_bits(expert_rows(x_array, as_array(idx, "topk_idx")[0], as_array(weights, "topk_weights")[0],
+                                          up, down, stream))
+        else:
+            buffer = layer_buffer(group, num_tokens, hidden, num_experts, top_k)
+            y = _routed_experts(buffer, x, idx, weights, num_experts, up, down, origin, config, stream)
+        if shared_rows is not None:
+            y = _to_bf16_bits(_bf16_to_f32(y) + shared_rows())
     y = to_origin(y, origin, "bfloat16")
     if return_aux:
         return (y,) + aux_losses(as_array(logits, "logits")[0], as_array(counts, "counts")[0], top_k)
     return y
+
+
+def _check_config(config: Any) -> Config:
+    if config is None:
+        return Config()
+    if not isinstance(config, Config):
+        raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
+    config.resolved("sim")  # checks every field (the Buffer resolves it for its backend)
+    return config
+
+
+def _caller_event(origin: Origin) -> EventOverlap:
+    """An event now on the caller's stream (nothing to wait for on the simulator)."""
+    return event_on_current_stream(origin.framework) if on_gpu() else EventOverlap()
+
+
+def _routed_experts(buffer: Any, x: Any, idx: Any, weights: Any, num_experts: int, w_up: Any, w_down: Any,
+                    origin: Origin, config: Config, stream: Any) -> Any:
+    """uint16 (bfloat16 bits) ``[tokens, hidden]``: the routed experts' sum for this rank's tokens
+    across ranks, in ``config.num_chunks`` chunks of tokens.
+
+    The Buffer's calls run on its communication stream (``async_finish``) in the order
+    dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, ...; the experts of chunk i run
+    on the caller's stream between dispatch i and combine i, so they overlap dispatch i + 1
+    and combine i - 1. ``x``, ``idx`` (int64 ``[tokens, k]``), ``weights`` (float32
+    ``[tokens, k]``): the caller's tensors."""
+    num_tokens = idx.shape[0]
+    chunks = config.num_chunks
+    bounds = [num_tokens * i // chunks for i in range(chunks + 1)]
+    routed = _caller_event(origin)  # the router's top-k, which every chunk's layout reads
+    held = []  # every chunk's tensors: the communication stream reads or writes them until its last call
+    combined, finished = [], None
+
+    def combine(rows: Any, handle: Any, experts_done: EventOverlap) -> None:
+        nonlocal finished
+        out, _, finished = buffer.combine(rows, handle, config=config, previous_event=experts_done,
+                                          async_finish=True)
+        combined.append(as_array(out, "combined")[0])
+        held.append(out)
+
+    pending = None
+    for start, end in zip(bounds, bounds[1:]):
+        chunk_x, chunk_idx, chunk_weights = x[start:end], idx[start:end], weights[start:end]
+        per_rank, _, per_expert, in_rank, laid_out = buffer.get_dispatch_layout(
+            chunk_idx, num_experts, previous_event=routed, async_finish=True)
+        recv_x, recv_idx, recv_weights, per_expert_list, handle, received = buffer.dispatch(
+            chunk_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=chunk_idx, topk_weights=chunk_weights, config=config, previous_event=laid_out,
+            async_finish=True)
+        if pending is not None:
+            combine(*pending)
+        received.current_stream_wait()
+        rows = expert_rows(as_array(recv_x, "recv_x")[0], as_array(recv_idx, "recv_topk_idx")[0],
+                           as_array(recv_weights, "recv_topk_weights")[0], w_up, w_down, stream,
+                           num_pairs=sum(per_expert_list))
+        rows = to_origin(_to_bf16_bits(rows), origin, "bfloat16")
+        pending = (rows, handle, _caller_event(origin))
+        held.append((chunk_x, chunk_idx, chunk_weights, per_rank, per_expert, in_rank, recv_x, recv_idx,
+                     recv_weights, rows))
+    combine(*pending)
+    finished.current_stream_wait()
+    return combined[0] if chunks == 1 else xp().concatenate(combined)
 
 
 def aux_losses(logits: Any, counts: Any, top_k: int) -> tuple[float, float]:
@@ -124,50 +193,86 @@ def aux_losses(logits: Any, counts: Any, top_k: int) -> tuple[float, float]:
     return balance, z_loss
 
 
-def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, w_up: Any, w_down: Any, origin: Any) -> Any:
+def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, w_up: Any, w_down: Any, stream: Any,
+                num_pairs: int | None = None) -> Any:
     """float32 ``[rows, hidden]``: each row's sum over its (local expert id, weight) pairs of
     ``weight * down(swiglu(up(row)))``; ``rows`` uint16 (bfloat16 bits), ``topk_idx`` int64 ``[rows, k]``
-    (-1: no expert here), ``topk_weights`` float32 ``[rows, k]``, weights as :func:`moe` takes them."""
+    (-1: no expert here), ``topk_weights`` float32 ``[rows, k]``, weights as :func:`moe` takes them.
+    The work runs on ``stream`` (a CuPy stream; None on the simulator); ``num_pairs``: the count
+    of ids >= 0 where the caller knows it (None: the host reads it, one synchronisation)."""
     from xmoe.kernels.gemm import GemmVariant, Problem, gemm_into
 
     xpm = xp()
     num_local, ffn, hidden = w_up.shape[0], w_up.shape[1] // 2, w_up.shape[2]
-    flat = topk_idx.reshape(-1)
-    valid = flat >= 0
-    order = xpm.argsort(xpm.where(valid, flat, num_local), kind="stable")
-    num_pairs = int(valid.sum())  # the host sizes the GEMMs: one synchronisation
-    order = order[:num_pairs]
-    row_of = order // topk_idx.shape[1]
-    offs = xpm.cumsum(xpm.bincount(flat[valid], minlength=num_local)).astype(np.int32)
-    stream = current_stream(origin.framework) if on_gpu() else None
-    h = xpm.empty((num_pairs, ffn), np.uint16)
-    gemm_into(Problem(xpm.ascontiguousarray(rows[row_of]), w_up, h, offs, None, num_pairs, ffn, hidden, num_local),
-              GemmVariant("swiglu", "nk", "bf16"), stream)
-    pair_out = xpm.empty((num_pairs, hidden), np.float32)
-    pair_weights = xpm.ascontiguousarray(topk_weights.reshape(-1)[order])
-    gemm_into(Problem(h, w_down, pair_out, offs, pair_weights, num_pairs, hidden, ffn, num_local),
-              GemmVariant("row_scale", "nk", "f32"), stream)
-    out = xpm.zeros((rows.shape[0], hidden), np.float32)
-    if on_gpu():
-        import cupyx
-
-        cupyx.scatter_add(out, row_of, pair_out)
-    else:
-        np.add.at(out, row_of, pair_out)
+    with stream or nullcontext():
+        flat = topk_idx.reshape(-1)
+        valid = flat >= 0
+        order = xpm.argsort(xpm.where(valid, flat, num_local), kind="stable")
+        if num_pairs is None:
+            num_pairs = int(valid.sum())
+        order = order[:num_pairs]
+        row_of = order // topk_idx.shape[1]
+        offs = xpm.cumsum(xpm.bincount(flat[valid], minlength=num_local)).astype(np.int32)
+        h = xpm.empty((num_pairs, ffn), np.uint16)
+        gemm_into(Problem(xpm.ascontiguousarray(rows[row_of]), w_up, h, offs, None, num_pairs, ffn, hidden,
+                          num_local), GemmVariant("swiglu", "nk", "bf16"), stream)
+        pair_out = xpm.empty((num_pairs, hidden), np.float32)
+        pair_weights = xpm.ascontiguousarray(topk_weights.reshape(-1)[order])
+        gemm_into(Problem(h, w_down, pair_out, offs, pair_weights, num_pairs, hidden, ffn, num_local),
+                  GemmVariant("row_scale", "nk", "f32"), stream)
+        out = xpm.zeros((rows.shape[0], hidden), np.float32)
+        xpm.add.at(out, row_of, pair_out)
     return out
 
 
-def _shared_mlp(x: Any, shared: tuple[Any, Any], origin: Any) -> Any:
-    """float32 ``[tokens, hidden]``: the dense SwiGLU MLP of ``shared`` on every token."""
+def _shared_weights(shared: Any, hidden: int) -> tuple[Any, Any]:
+    """``shared``'s two weights as backend arrays (bfloat16 bits), checked."""
     if not (isinstance(shared, tuple) and len(shared) == 2):
         raise ValueError("shared: expected (w_shared_up [2 * ffn, hidden], w_shared_down [hidden, ffn])")
-    hidden = x.shape[1]
     up, up_origin = as_array(shared[0], "shared[0]")
     check_array(up, up_origin, "shared[0]", BFLOAT16, (None, hidden), " ([2 * shared_ffn, hidden])")
     down, down_origin = as_array(shared[1], "shared[1]")
     check_array(down, down_origin, "shared[1]", BFLOAT16, (hidden, up.shape[0] // 2), " ([hidden, shared_ffn])")
-    expert_zero = xp().zeros((x.shape[0], 1), np.int64)  # every token to the one expert, weight 1
-    return expert_rows(x, expert_zero, xp().ones((x.shape[0], 1), np.float32), up[None], down[None], origin)
+    return up, down
+
+
+@lru_cache(maxsize=8)
+def _side_stream(device: int) -> Any:
+    import cupy
+
+    return cupy.cuda.Stream(non_blocking=True)
+
+
+def _start_shared_mlp(x: Any, weights: tuple[Any, Any], stream: Any) -> Callable[[], Any]:
+    """Start the dense SwiGLU MLP of the shared experts on every token of ``x`` (uint16
+    ``[tokens, hidden]``); on the GPU it runs on a second stream, beside the routed experts.
+    Returns a function that gives its float32 ``[tokens, hidden]`` result, ordered before the
+    caller's stream's next work."""
+    up, down = weights
+    if stream is None:
+        ready = _dense_swiglu(x, up, down, None)
+        return lambda: ready
+    import cupy
+
+    side = _side_stream(cupy.cuda.runtime.getDevice())
+    side.wait_event(stream.record())
+    with side:
+        result = _dense_swiglu(x, up, down, side)
+        done = side.record()
+
+    def wait() -> Any:
+        stream.wait_event(done)
+        return result
+
+    return wait
+
+
+def _dense_swiglu(x: Any, up: Any, down: Any, stream: Any) -> Any:
+    """float32 ``[tokens, hidden]``: one expert that every token goes to with weight 1."""
+    with stream or nullcontext():
+        expert_zero = xp().zeros((x.shape[0], 1), np.int64)
+        ones = xp().ones((x.shape[0], 1), np.float32)
+    return expert_rows(x, expert_zero, ones, up[None], down[None], stream, num_pairs=x.shape[0])
 
 
 def _bf16_to_f32(bits: Any) -> Any:
@@ -208,6 +313,7 @@ class MoELayer:
         framework: the tensors the weights are held as ("torch" or "jax" on the GPU, "numpy" on
             the simulator; None: "torch" on the GPU, "numpy" on the simulator).
         seed: of the random initial weights (normal, scaled by 1 / sqrt(fan in)).
+        config: as :func:`moe` takes it (``num_chunks`` among others).
         **routing: ``scoring``, ``bias``, ``n_group``, ``topk_group``, ``renormalize``, ``scaling``
             as :func:`moe` takes them.
 
@@ -218,7 +324,7 @@ class MoELayer:
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, group: Any = None,
                  num_shared_experts: int = 0, shared_ffn: int | None = None, framework: str | None = None,
-                 seed: int = 0, **routing: Any) -> None:
+                 seed: int = 0, config: Config | None = None, **routing: Any) -> None:
         self.group = None if group is None else as_group(group)
         ranks, rank = (1, 0) if self.group is None else (self.group.world_size, self.group.rank)
         self.hidden, self.ffn, self.num_experts, self.top_k = (check_int(name, value, 1) for name, value in (
@@ -228,6 +334,7 @@ class MoELayer:
         self.num_local_experts = num_experts // ranks
         self.framework = framework or ("torch" if on_gpu() else "numpy")
         self.routing = routing
+        self.config = _check_config(config)
         rng = np.random.default_rng(seed)
         local = slice(rank * self.num_local_experts, (rank + 1) * self.num_local_experts)
         self.w_router = self._tensor(rng.standard_normal((hidden, num_experts)) / np.sqrt(hidden))
@@ -249,7 +356,7 @@ class MoELayer:
     def forward(self, x: Any, return_aux: bool = False) -> Any:
         """:func:`moe` of this rank's tokens ``x`` (bfloat16 ``[tokens, hidden]``) with the layer's weights."""
         return moe(x, self.w_router, self.w_up, self.w_down, self.top_k, group=self.group, shared=self.shared,
-                   return_aux=return_aux, **self.routing)
+                   return_aux=return_aux, config=self.config, **self.routing)
 
     __call__ = forward
 
