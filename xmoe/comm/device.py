@@ -82,6 +82,14 @@ else:
 
         return array.copy(layout="C")(array), codegen
 
+    # Numba's disk cache keys a kernel by the pickled bytes of its closure, in which an
+    # intrinsic carries a uuid1 made afresh in every process: with those, no kernel that
+    # reaches one through a captured device function ever loaded from the cache, and every
+    # process compiled the dispatch, combine and low-latency kernels again (~7.5 s before a
+    # first round trip on the H200). A fixed name per intrinsic keeps the key the same.
+    for _intrinsic in (_globaltimer, shifted, contiguous):
+        _intrinsic._set_uuid(f"xmoe.comm.device.{_intrinsic._name}")
+
     @cuda.jit(device=True, inline=True)
     def now_ns():
         return np.int64(_globaltimer())

@@ -1,0 +1,42 @@
+"""Numba's disk cache must hit in the next process: every cached kernel's key is the same in two."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+#: Runs without a GPU: builds the cuda backend's kernels (no compile) and prints the part of
+#: Numba's cache key that hashes each kernel's closure (``Cache._index_key``'s ``cvarbytes``).
+KEYS = """
+import hashlib
+import numpy as np
+import xmoe.runtime
+xmoe.runtime.select_backend("cuda")
+from numba.cuda.serialize import dumps
+from xmoe.comm.device import STORE
+from xmoe.kernels.combine import combine_kernel
+from xmoe.kernels.dispatch import dispatch_kernel
+from xmoe.kernels.low_latency import ll_combine_kernel, ll_dispatch_kernel
+kernels = {"dispatch": dispatch_kernel(STORE), "ll_dispatch": ll_dispatch_kernel(STORE),
+           "ll_combine": ll_combine_kernel(STORE),
+           "combine": combine_kernel(STORE, np.dtype(np.float32), np.dtype(np.uint32))}
+for name, kernel in sorted(kernels.items()):
+    assert kernel._cache.__class__.__name__ != "NullCache", name  # cache=True
+    closure = kernel.py_func.__closure__ or ()
+    print(name, hashlib.sha256(dumps(tuple(cell.cell_contents for cell in closure))).hexdigest())
+"""
+
+
+def closure_keys() -> str:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", XMOE_BACKEND="cuda")
+    return subprocess.run([sys.executable, "-c", KEYS], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_store_kernels_cache_keys_are_stable():
+    """An intrinsic pickles with a uuid1 made in each process; one captured by a kernel's device
+    functions changed the key every process, so the kernels were compiled again at each start
+    (~7.5 s before the first round trip on the H200). comm/device.py fixes their names."""
+    first, second = closure_keys(), closure_keys()
+    assert len(first.splitlines()) == 4
+    assert first == second
