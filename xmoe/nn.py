@@ -13,10 +13,11 @@ experts as :class:`ExpertsFunction`, whose backward uses the duality of the two 
   as combine's ``topk_weights`` (a rank's own experts' slots, zero elsewhere).
 
 Per expert, with ``A`` its rows, ``gu = A @ W_up^T`` and ``h = silu(gate) * up``, ``o = h @ W_down^T``:
-``dh = (w dY) @ W_down`` and ``dA = d(gu) @ W_up`` run as grouped GEMMs (the weights read as
-``[groups, K, N]``, ``w_layout="kn"``); the weight gradients ``dW_down = (w dY)^T @ h`` and
-``dW_up = d(gu)^T @ A`` are one matmul per expert (a grouped GEMM that groups the reduction
-dimension is not written yet).
+``dh = (w dY) @ W_down`` and ``dA = d(gu) @ W_up`` run as xmoe's grouped GEMMs (the weights
+read as ``[groups, K, N]``, ``w_layout="kn"``); the weight gradients ``dW_down = (w dY)^T @ h``
+and ``dW_up = d(gu)^T @ A`` group the reduction dimension (each expert's rows), which xmoe's
+kernels do not do yet: they run as one ``torch._grouped_mm`` each (PyTorch >= 2.9), as
+PyTorch's own grouped-GEMM autograd computes them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class _Pairs:
     Attributes:
         order: int64 ``[pairs]``, each pair's flat index into ``[rows, k]``; row_of: its row.
         offs: int32 ``[local experts]``, cumulative pair counts (the grouped GEMMs' ``offs``).
-        ends: the same as Python ints (the per-expert weight gradients slice by them).
     """
 
     def __init__(self, topk_idx: torch.Tensor, num_local_experts: int) -> None:
@@ -50,7 +50,6 @@ class _Pairs:
         self.row_of = self.order // topk_idx.shape[1]
         counts = torch.bincount(flat[valid], minlength=num_local_experts)
         self.offs = torch.cumsum(counts, 0).to(torch.int32)
-        self.ends = [0] + self.offs.tolist()
 
 
 def _swiglu(gu: torch.Tensor) -> torch.Tensor:
@@ -64,9 +63,11 @@ def _swiglu_backward(gu: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     return torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=1)
 
 
-def _per_expert_outer(left: torch.Tensor, right: torch.Tensor, ends: list[int]) -> torch.Tensor:
-    """``[experts, left cols, right cols]``: ``left[rows of e]^T @ right[rows of e]`` per expert, float32."""
-    return torch.stack([left[a:b].float().T @ right[a:b].float() for a, b in zip(ends[:-1], ends[1:])])
+def _per_expert_outer(left: torch.Tensor, right: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """bfloat16 ``[experts, left cols, right cols]``: ``left[rows of e]^T @ right[rows of e]`` per
+    expert (``left``, ``right`` bfloat16 with the pairs' rows expert by expert, ``offs`` their ends);
+    float32 accumulation, zero for an expert without rows."""
+    return torch._grouped_mm(left.t(), right, offs=offs)
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -116,8 +117,8 @@ class ExpertsFunction(torch.autograd.Function):
         grad_h = grouped_gemm(grad_o, w_down, pairs.offs, w_layout="kn", out_dtype="float32")
         grad_gu = _swiglu_backward(gu, grad_h).to(torch.bfloat16)
         grad_a = grouped_gemm(grad_gu, w_up, pairs.offs, w_layout="kn", out_dtype="float32")
-        grad_w_down = _per_expert_outer(grad_o, h, pairs.ends).to(w_down.dtype)
-        grad_w_up = _per_expert_outer(grad_gu, a, pairs.ends).to(w_up.dtype)
+        grad_w_down = _per_expert_outer(grad_o, h, pairs.offs)
+        grad_w_up = _per_expert_outer(grad_gu, a, pairs.offs)
         grad_rows = torch.zeros((ctx.row_shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
         grad_rows.index_add_(0, pairs.row_of, grad_a)
         grad_weights = torch.zeros(ctx.row_shape.numel(), dtype=torch.float32, device=a.device)
@@ -193,6 +194,6 @@ class MoE(nn.Module):
                                                                 self.num_experts, self.top_k)
         y = ExpertsFunction.apply(x, idx, weights, self.w_up, self.w_down, buffer, self.num_experts)
         if self.w_shared_up is not None:
-            shared = _swiglu(x.float() @ self.w_shared_up.float().T).to(torch.bfloat16)
-            y = (y.float() + shared.float() @ self.w_shared_down.float().T).to(torch.bfloat16)
+            shared = _swiglu(x @ self.w_shared_up.T)  # bfloat16 matmuls, float32 accumulation
+            y = (y.float() + (shared @ self.w_shared_down.T).float()).to(torch.bfloat16)
         return y
