@@ -1,4 +1,5 @@
-"""Numba's disk cache must hit in the next process: every cached kernel's key is the same in two."""
+"""Numba's disk cache across processes: every cached kernel's key is the same in two, and compiles
+that read or write the cache hold a machine-wide lock."""
 
 from __future__ import annotations
 
@@ -40,3 +41,38 @@ def test_store_kernels_cache_keys_are_stable():
     first, second = closure_keys(), closure_keys()
     assert len(first.splitlines()) == 4
     assert first == second
+
+
+class _Kernel:
+    """Stands in for a Numba CUDA dispatcher: ``compile`` reports whether another process could
+    take xmoe's compile lock while it runs."""
+
+    def __init__(self, cache) -> None:
+        self._cache = cache
+
+    def compile(self, signature):
+        import fcntl
+
+        from xmoe.kernels.launch import COMPILE_LOCK
+
+        with open(COMPILE_LOCK, "a") as other:  # another open file description, as another process has
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return "locked"
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return "free"
+
+
+def test_cached_compiles_hold_the_machine_lock():
+    """Numba's disk cache is not safe when two processes save different signatures of one
+    kernel at once (both take the first free data file; the index may then point one signature
+    at the other's code): a kernel that caches compiles under the lock, one that does not
+    (the put path's, which link NVSHMEM) compiles without waiting for other processes."""
+    from numba.cuda.core.caching import NullCache
+
+    from xmoe.kernels.launch import compile_cached
+
+    assert compile_cached(_Kernel(object()), ()) == "locked"
+    assert compile_cached(_Kernel(NullCache()), ()) == "free"
+    assert compile_cached(_Kernel(object()), ()) == "locked"  # released after the first: no deadlock

@@ -24,9 +24,11 @@ with what Numba's own dispatcher passes, so that an upgrade that changes either 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import inspect
 import os
 import struct
+import tempfile
 from functools import lru_cache
 from typing import Any
 
@@ -166,12 +168,31 @@ class _Parameters:
             raise RuntimeError(f"cuLaunchKernel failed ({result[0]!r}) for {blocks} x {threads} threads")
 
 
+#: Held (``flock``) while a process compiles a kernel that Numba caches on disk; one per user and machine.
+COMPILE_LOCK = os.path.join(tempfile.gettempdir(), f"xmoe-numba-cache-{os.getuid()}.lock")
+
+
+def compile_cached(kernel: Any, signature: tuple) -> Any:
+    """``kernel.compile(signature)`` (a Numba CUDA dispatcher), loaded from Numba's disk cache or
+    compiled and saved there, holding :data:`COMPILE_LOCK` when the kernel caches. Numba's
+    cache is not safe across processes: two that save different signatures of one kernel at
+    once both take its first free data file, and the index can end up pointing one signature
+    at the other's code (``IndexDataCacheFile.save``), which a later process then runs."""
+    from numba.cuda.core.caching import NullCache
+
+    if isinstance(kernel._cache, NullCache):
+        return kernel.compile(signature)
+    with open(COMPILE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return kernel.compile(signature)
+
+
 class _Compiled:
     """A kernel compiled for one signature and loaded on the current GPU."""
 
     def __init__(self, kernel: Any, args: tuple, num_bytes: int) -> None:
         signature = tuple(kernel.typeof_pyval(kernel_arg(a)) for a in args)
-        compiled = kernel.compile(signature)  # or loaded from Numba's disk cache
+        compiled = compile_cached(kernel, signature)
         compiled.bind()  # loads it here, running the setup of linked device libraries (NVSHMEM's)
         handle = compiled._codelibrary.get_cufunc().handle
         self.function = driver.CUfunction(handle.value if isinstance(handle, ctypes.c_void_p) else int(handle))
