@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import hashlib
 import inspect
 import os
 import struct
 import tempfile
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,7 +186,33 @@ def compile_cached(kernel: Any, signature: tuple) -> Any:
         return kernel.compile(signature)
     with open(COMPILE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _forget_if_stale(kernel)
         return kernel.compile(signature)
+
+
+@lru_cache(maxsize=1)
+def device_sources_hash() -> str:
+    """sha256 of xmoe's device-side sources (``comm/``, ``kernels/``, ``layout/``)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for folder in ("comm", "kernels", "layout") for p in (root / folder).rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _forget_if_stale(kernel: Any) -> None:
+    """Empty ``kernel``'s cache index when xmoe's device sources changed since it was filled:
+    Numba's key covers the kernel's own file and closure, not the module-level device
+    functions it calls from other files (``comm/protocol.py``'s ``claim``, say), so an edit
+    there would otherwise leave the old code in the cache. The stamp lies beside the index."""
+    func = kernel.py_func
+    folder = Path(kernel._cache.cache_path)
+    stamp = folder / f"{func.__qualname__}-{func.__code__.co_firstlineno}.xmoe-sources"
+    current = device_sources_hash()
+    if not stamp.exists() or stamp.read_text() != current:
+        folder.mkdir(parents=True, exist_ok=True)
+        kernel._cache.flush()
+        stamp.write_text(current)
 
 
 class _Compiled:
