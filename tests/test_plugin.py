@@ -57,7 +57,7 @@ def run_pytest(tmp_path: Path, test: str, env: dict[str, str]) -> subprocess.Com
     it started) after 120 s and fails the test."""
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_it.py").write_text(test)
-    env = dict(env, XMOE_TEST_TIMEOUT="100")
+    env = {"XMOE_TEST_TIMEOUT": "100", **env}
     process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -68,6 +68,90 @@ def run_pytest(tmp_path: Path, test: str, env: dict[str, str]) -> subprocess.Com
         out, _ = process.communicate()
         pytest.fail(f"the relaunched test hung:\n{out[-3000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, out)
+
+
+SHARED_JOBS = '''
+import os
+
+import pytest
+
+
+def record(group, name):
+    """Rank 0 notes the job (its process) each test ran in."""
+    if group.rank == 0:
+        with open(os.environ["JOBS_FILE"], "a") as f:
+            f.write(f"{name} {os.getpid()}\\n")
+
+
+@pytest.mark.mpi(ranks=2)
+def test_a(group):
+    record(group, "a")
+
+
+@pytest.mark.mpi(ranks=2)
+def test_b_fails_on_rank_1(group):
+    record(group, "b")
+    assert group.rank == 0, "rank 1 fails"
+
+
+@pytest.mark.mpi(ranks=2, alone=True)
+def test_c_alone(group):
+    record(group, "c")
+
+
+@pytest.mark.mpi(ranks=2)
+def test_d(group):
+    record(group, "d")
+
+
+@pytest.mark.mpi(ranks=2)
+def test_e_hangs(group):
+    if os.environ.get("HANG"):
+        import time
+
+        time.sleep(600)
+
+
+@pytest.mark.mpi(ranks=2)
+def test_f(group):
+    record(group, "f")
+'''
+
+
+def jobs_of(path: Path) -> dict[str, str]:
+    return dict(line.split() for line in path.read_text().splitlines())
+
+
+def test_multi_rank_tests_share_jobs(tmp_path):
+    """One job runs a test and the later ones of its rank count; a failure ends that job and
+    the next job picks up after it; an ``alone`` test gets a job of its own."""
+    env = dict(os.environ, JOBS_FILE=str(tmp_path / "jobs"))
+    env.pop("XMOE_TEST_BATCH", None)
+    done = run_pytest(tmp_path, SHARED_JOBS, env)
+    assert done.returncode == 1, done.stdout
+    assert "1 failed, 5 passed" in done.stdout, done.stdout
+    assert "rank 1 fails" in done.stdout
+    jobs = jobs_of(tmp_path / "jobs")
+    assert jobs["a"] == jobs["b"]  # one job until b's failure ended it
+    assert jobs["d"] == jobs["f"] != jobs["a"]  # the next job: the rest, but for c
+    assert jobs["c"] not in (jobs["a"], jobs["d"])
+
+
+def test_a_hung_test_is_reported_and_the_rest_still_run(tmp_path):
+    env = dict(os.environ, JOBS_FILE=str(tmp_path / "jobs"), HANG="1", XMOE_TEST_TIMEOUT="15")
+    env.pop("XMOE_TEST_BATCH", None)
+    done = run_pytest(tmp_path, SHARED_JOBS, env)
+    assert "2 failed, 4 passed" in done.stdout, done.stdout
+    assert "test_e_hangs - Failed: 2 ranks did not finish in 15 s" in done.stdout, done.stdout
+    jobs = jobs_of(tmp_path / "jobs")
+    assert jobs["f"] != jobs["d"]  # f ran in a job after the hung one was killed
+
+
+def test_each_test_its_own_job_with_batching_off(tmp_path):
+    env = dict(os.environ, JOBS_FILE=str(tmp_path / "jobs"), XMOE_TEST_BATCH="0")
+    run_pytest(tmp_path, SHARED_JOBS, env)
+    jobs = jobs_of(tmp_path / "jobs")
+    assert len(set(jobs.values())) == len(jobs) == 5
 
 
 def test_a_failing_rank_ends_the_job_and_is_reported(tmp_path):

@@ -7,6 +7,15 @@ when every rank passed, skips when every rank skipped, and otherwise fails with 
 error report of each failed rank and the end of the job's output. Tests marked ``gpu``
 skip cleanly without a GPU.
 
+The multi-rank tests of one rank count share jobs: when the parent reaches the first of
+them, one job runs it and every later one of that count (in the session's order), and
+the parent then reports each from its outcome files. A launch and a rank's start-up cost
+more than most tests (imports, the runtime, the kernels loaded). A job that ends early
+(a failure ends it, see below) leaves the tests after it to the next job; a test that
+makes no progress for ``XMOE_TEST_TIMEOUT`` seconds is reported as hung and the job killed.
+``mpi(ranks=N, alone=True)`` gives a test a job of its own, as ``XMOE_TEST_BATCH=0`` does
+every test (and as pytest-xdist workers do: each runs only the tests it is given).
+
 A rank whose test fails ends the whole job at once, right after writing its outcome
 (``MPI_Abort`` when MPI is initialised, which makes mpirun kill the other ranks; else
 ``os._exit(1)``, after which torchrun stops the others): its peers would otherwise wait
@@ -24,11 +33,14 @@ Fixtures: ``group`` (the :class:`xmoe.Group`), ``rank``, ``world_size``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +54,8 @@ CHILD_ENV = "XMOE_TEST_RESULTS"
 TIMEOUT_ENV = "XMOE_TEST_TIMEOUT"
 #: The peer timeout (``XMOE_TIMEOUT_S``) ranks on the simulator get unless the caller set one.
 SIM_PEER_TIMEOUT_S = 300
+#: "0": every multi-rank test in a job of its own.
+BATCH_ENV = "XMOE_TEST_BATCH"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +67,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def in_child() -> bool:
     return CHILD_ENV in os.environ
+
+
+def runs_alone(item: pytest.Item) -> bool:
+    """Whether ``item`` gets a job of its own (see the module)."""
+    return (os.environ.get(BATCH_ENV) == "0" or hasattr(item.config, "workerinput")
+            or bool(item.get_closest_marker("mpi").kwargs.get("alone", False)))
+
+
+def outcome_file(nodeid: str, rank: int) -> str:
+    """The name of the file rank ``rank`` writes the outcome of test ``nodeid`` to."""
+    return f"{hashlib.sha1(nodeid.encode()).hexdigest()[:16]}-rank-{rank}.json"
 
 
 def mpi_ranks(item: pytest.Item) -> int | None:
@@ -87,33 +112,98 @@ def _failure_report(outcomes: list[dict], ranks: int, command: list[str], return
             + f"\n---- {' '.join(command)} ... exited {returncode}; last output ----\n{output[-3000:]}")
 
 
-def _relaunch(item: pytest.Function, ranks: int) -> None:
-    backend = runtime.default_backend()
-    try:
-        command = runtime.launcher_command(ranks, backend)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    with tempfile.TemporaryDirectory(prefix="xmoe-ranks-") as results:
-        env = dict(os.environ, **{CHILD_ENV: results, "XMOE_BACKEND": backend})
+class _Job:
+    """One launch of ``nodeids`` on ``ranks`` ranks, run to its end: the outcomes each rank
+    wrote (nodeid -> outcomes sorted by rank), the launcher's exit code and output, and the
+    test that was running when no progress came for ``XMOE_TEST_TIMEOUT`` seconds (or None)."""
+
+    def __init__(self, config: pytest.Config, nodeids: list[str], ranks: int) -> None:
+        backend = runtime.default_backend()
+        self.command = runtime.launcher_command(ranks, backend)
+        env = dict(os.environ, **{CHILD_ENV: "", "XMOE_BACKEND": backend})
         if backend == "sim":
             env.setdefault("XMOE_TIMEOUT_S", str(SIM_PEER_TIMEOUT_S))
         if backend == "cuda" and ranks > runtime.gpu_count():  # PEs share a GPU: NVSHMEM needs MPS shares <= 100%
             env.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(100 * runtime.gpu_count() // ranks))
         args = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "no:randomly",
-                "--rootdir", str(item.config.rootpath), item.nodeid]
-        try:
-            done = subprocess.run(command + args, cwd=item.config.rootpath, env=env, capture_output=True,
-                                  text=True, timeout=float(os.environ.get(TIMEOUT_ENV, 600)))
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"{ranks} ranks did not finish in {exc.timeout} s:\n{(exc.stdout or '')[-4000:]}",
-                        pytrace=False)
-        outcomes = sorted((json.loads(p.read_text()) for p in Path(results).glob("rank-*.json")),
-                          key=lambda o: o["rank"])
+                "--rootdir", str(config.rootpath), *nodeids]
+        limit = float(os.environ.get(TIMEOUT_ENV, 600))
+        with tempfile.TemporaryDirectory(prefix="xmoe-ranks-") as results, tempfile.TemporaryFile("w+") as log:
+            env[CHILD_ENV] = results
+            process = subprocess.Popen(self.command + args, cwd=config.rootpath, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            self.hung = self._watch(process, Path(results), nodeids, ranks, limit)
+            self.returncode = process.returncode
+            log.seek(0)
+            self.output = log.read()
+            self.outcomes: dict[str, list[dict]] = {}
+            for path in Path(results).glob("*.json"):
+                outcome = json.loads(path.read_text())
+                self.outcomes.setdefault(outcome["nodeid"], []).append(outcome)
+        for outcomes in self.outcomes.values():
+            outcomes.sort(key=lambda o: o["rank"])
+
+    @staticmethod
+    def _watch(process: subprocess.Popen, results: Path, nodeids: list[str], ranks: int,
+               limit: float) -> str | None:
+        """Wait for ``process``; kill its process group when no outcome file appeared for
+        ``limit`` seconds and return the first test that not every rank had finished then."""
+        seen, last = 0, time.monotonic()
+        while process.poll() is None:
+            time.sleep(0.2)
+            count = sum(1 for _ in results.glob("*.json"))
+            if count != seen:
+                seen, last = count, time.monotonic()
+            elif time.monotonic() - last > limit:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                finished = [json.loads(p.read_text())["nodeid"] for p in results.glob("*.json")]
+                return next((nodeid for nodeid in nodeids if finished.count(nodeid) < ranks), nodeids[-1])
+        return None
+
+    def reports(self, nodeid: str, ranks: int) -> bool:
+        """Whether this job's outcome files settle test ``nodeid``: every rank's outcome, or a
+        failure (which ended the job), or the hang. A test some ranks finished before another
+        rank's failure in an earlier test ended the job is left to the next job."""
+        outcomes = self.outcomes.get(nodeid, [])
+        return nodeid == self.hung or len(outcomes) == ranks or any(o["outcome"] == "failed" for o in outcomes)
+
+
+#: nodeid -> the job that ran it (or tried to), for the tests a shared job has run.
+_JOBS: dict[str, _Job] = {}
+
+
+def _job_for(item: pytest.Function, ranks: int) -> _Job:
+    """The job whose outcomes report ``item``: one started now for it and every later test of
+    ``ranks`` ranks that shares jobs and has none yet (only ``item`` when it runs alone)."""
+    job = _JOBS.pop(item.nodeid, None)
+    if job is not None:
+        return job
+    nodeids = [item.nodeid]
+    if not runs_alone(item):
+        later = item.session.items[item.session.items.index(item) + 1:]
+        nodeids += [other.nodeid for other in later
+                    if mpi_ranks(other) == ranks and not runs_alone(other) and other.nodeid not in _JOBS]
+    job = _Job(item.config, nodeids, ranks)
+    for nodeid in nodeids[1:]:
+        if job.reports(nodeid, ranks):
+            _JOBS[nodeid] = job
+    return job
+
+
+def _relaunch(item: pytest.Function, ranks: int) -> None:
+    try:
+        job = _job_for(item, ranks)
+    except RuntimeError as exc:  # no launcher
+        pytest.skip(str(exc))
+    if job.hung == item.nodeid:
+        pytest.fail(f"{ranks} ranks did not finish in {os.environ.get(TIMEOUT_ENV, 600)} s (no rank finished "
+                    f"a test for that long):\n{job.output[-4000:]}", pytrace=False)
+    outcomes = job.outcomes.get(item.nodeid, [])
     if len(outcomes) == ranks and all(o["outcome"] == "skipped" for o in outcomes):
         pytest.skip(outcomes[0]["reason"])
-    if done.returncode != 0 or len(outcomes) != ranks or any(o["outcome"] != "passed" for o in outcomes):
-        pytest.fail(_failure_report(outcomes, ranks, command, done.returncode, done.stdout + done.stderr),
-                    pytrace=False)
+    if len(outcomes) != ranks or any(o["outcome"] != "passed" for o in outcomes):
+        pytest.fail(_failure_report(outcomes, ranks, job.command, job.returncode, job.output), pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -152,8 +242,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
         if report.failed:
             longrepr = report.longreprtext + "".join(f"\n---- {title} ----\n{text}" for title, text in report.sections)
         rank = runtime.get_group().rank if runtime.is_initialized() else os.getpid()
-        path = Path(os.environ[CHILD_ENV]) / f"rank-{rank}.json"
-        path.write_text(json.dumps({"rank": rank, "outcome": report.outcome, "reason": reason, "longrepr": longrepr}))
+        path = Path(os.environ[CHILD_ENV]) / outcome_file(item.nodeid, rank)
+        path.write_text(json.dumps({"nodeid": item.nodeid, "rank": rank, "outcome": report.outcome,
+                                    "reason": reason, "longrepr": longrepr}))
         if report.failed and ranks > 1:
             _end_job()
 
