@@ -30,7 +30,7 @@ from xmoe.arguments import (
     num_local_experts,
 )
 from xmoe.comm.status import ERR_EXPERT_ID, describe
-from xmoe.config import Config
+from xmoe.config import Config, check_config
 from xmoe.device_memory import kernel_view, on_gpu
 from xmoe.ep.handle import DispatchHandle, LowLatencyHandle
 from xmoe.event import (
@@ -194,8 +194,7 @@ class Buffer:
                 default = Config().resolved(self.group.backend, Buffer.num_sms)
                 self._default_config = (Buffer.num_sms, default)
             return default
-        if not isinstance(config, Config):
-            raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
+        check_config(config)
         return config.resolved(self.group.backend, Buffer.num_sms)
 
     def _plan(self, framework: str, previous_event: EventOverlap | None, async_finish: bool) -> StreamPlan | HostPlan:

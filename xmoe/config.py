@@ -64,6 +64,12 @@ class Config:
         return _resolve(self, backend, num_sms, os.environ.get("XMOE_TIMEOUT_S"), os.environ.get("XMOE_FORCE_PUT"))
 
 
+def check_config(config: object) -> None:
+    """``ValueError`` unless ``config`` is a :class:`Config` (the ``config`` argument of every call)."""
+    if not isinstance(config, Config):
+        raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
+
+
 @lru_cache(maxsize=64)
 def _resolve(config: Config, backend: str, num_sms: int | None, env_timeout: str | None,
              env_force_put: str | None) -> Config:

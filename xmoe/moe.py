@@ -29,7 +29,7 @@ import numpy as np
 from xmoe import runtime
 from xmoe.arguments import as_group, check_array, check_int
 from xmoe.device_memory import on_gpu, xp
-from xmoe.config import Config
+from xmoe.config import Config, check_config
 from xmoe.event import EventOverlap, current_stream, event_on_current_stream
 from xmoe.interop import BFLOAT16, Origin, as_array, to_origin
 
@@ -115,9 +115,8 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
 def _check_config(config: Any) -> Config:
     if config is None:
         return Config()
-    if not isinstance(config, Config):
-        raise ValueError(f"config: expected an xmoe.Config or None, got {type(config).__name__}")
-    config.resolved("sim")  # checks every field (the Buffer resolves it for its backend)
+    check_config(config)
+    config.resolved("cuda" if on_gpu() else "sim")  # checks every field now (the Buffer resolves it again)
     return config
 
 
