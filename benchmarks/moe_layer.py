@@ -55,18 +55,17 @@ def torch_layer(x, w_router, w_up, w_down, top_k, shared):
 
 
 def xmoe_module(group, hidden, ffn, experts, top_k, shared_ffn, w_router, w_up, w_down, shared):
-    """An ``xmoe.nn.MoE`` holding this rank's part of the given weights (shared storage)."""
+    """An ``xmoe.nn.MoE`` holding the given weights (shared storage; ``w_up`` / ``w_down``: this
+    rank's experts)."""
     import torch
     from xmoe.nn import MoE
 
     module = MoE(hidden, ffn, experts, top_k, group=group, num_shared_experts=1 if shared_ffn else 0,
                  shared_ffn=shared_ffn or None, device="cuda")
-    local = experts if group is None else experts // group.world_size
-    first = 0 if group is None else group.rank * local
     with torch.no_grad():
         module.w_router.data = w_router
-        module.w_up.data = w_up[first:first + local]
-        module.w_down.data = w_down[first:first + local]
+        module.w_up.data = w_up
+        module.w_down.data = w_down
         if shared is not None:
             module.w_shared_up.data, module.w_shared_down.data = shared
     return module
@@ -117,7 +116,7 @@ def main() -> None:
         local = experts // ranks
         first = 0 if group is None else group.rank * local
         mine_up, mine_down = w_up[first:first + local], w_down[first:first + local]
-        module = xmoe_module(group, hidden, ffn, experts, top_k, shared_ffn, w_router, w_up, w_down, shared)
+        module = xmoe_module(group, hidden, ffn, experts, top_k, shared_ffn, w_router, mine_up, mine_down, shared)
         for tokens in token_counts:
             x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
             base = slowest(median_ms(lambda: torch_layer(x, w_router, w_up, w_down, top_k, shared), args.iters,

@@ -255,9 +255,8 @@ def _start_shared_mlp(x: Any, weights: tuple[Any, Any], stream: Any) -> Callable
 
     side = _side_stream(cupy.cuda.runtime.getDevice())
     side.wait_event(stream.record())
-    with side:
-        result = _dense_swiglu(x, up, down, side)
-        done = side.record()
+    result = _dense_swiglu(x, up, down, side)
+    done = side.record()
 
     def wait() -> Any:
         stream.wait_event(done)
