@@ -120,7 +120,7 @@ class _Job:
     def __init__(self, config: pytest.Config, nodeids: list[str], ranks: int) -> None:
         backend = runtime.default_backend()
         self.command = runtime.launcher_command(ranks, backend)
-        env = dict(os.environ, **{CHILD_ENV: "", "XMOE_BACKEND": backend})
+        env = dict(os.environ, XMOE_BACKEND=backend)
         if backend == "sim":
             env.setdefault("XMOE_TIMEOUT_S", str(SIM_PEER_TIMEOUT_S))
         if backend == "cuda" and ranks > runtime.gpu_count():  # PEs share a GPU: NVSHMEM needs MPS shares <= 100%
