@@ -42,8 +42,12 @@ def test_torch_in_torch_out(group):
 
 
 def test_jax_in_jax_out(group):
-    jnp = pytest.importorskip("jax.numpy")
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
     import xmoe
+
+    jax.config.update("jax_enable_x64", True)  # int64 top-k ids, as dispatch takes them (else JAX makes int32)
 
     routing = make_routing(12, 1, 10, 8, 4, 2, BFLOAT16)
     x = jnp.asarray(routing.x[0])

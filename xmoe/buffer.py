@@ -233,9 +233,9 @@ class Buffer:
         check_array(idx, origin, "topk_idx", np.int64, (None, None))
         num_local_experts(num_experts, self.num_ranks)
         plan = self._plan(origin.framework, previous_event, async_finish)
-        tokens_per_rank, per_rank_out = new_output(self.num_ranks, np.int32, origin)
-        tokens_per_expert, per_expert_out = new_output(num_experts, np.int32, origin)
-        is_token_in_rank, in_rank_out = new_output((idx.shape[0], self.num_ranks), np.bool_, origin)
+        tokens_per_rank, per_rank_out = new_output(self.num_ranks, np.int32, origin, stream=plan.pointer)
+        tokens_per_expert, per_expert_out = new_output(num_experts, np.int32, origin, stream=plan.pointer)
+        is_token_in_rank, in_rank_out = new_output((idx.shape[0], self.num_ranks), np.bool_, origin, stream=plan.pointer)
         from xmoe.kernels.layout import launch_dispatch_layout
 
         launch_dispatch_layout(kernel_view(idx), num_experts, kernel_view(tokens_per_rank),

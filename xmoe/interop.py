@@ -17,7 +17,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from xmoe.device_memory import DeviceArray, on_gpu, xp
+from xmoe.device_memory import DeviceArray, data_pointer, on_gpu, xp
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT8_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -212,11 +212,17 @@ def _poison() -> bool:
 POISON_BYTE = 0xFE
 
 
-def poisoned(array: Any) -> Any:
+def poisoned(array: Any, stream: int | None = None) -> Any:
     """``array`` filled with :data:`POISON_BYTE` under ``XMOE_POISON=1``, so that a test sees
-    any element a kernel failed to write; untouched otherwise."""
+    any element a kernel failed to write; untouched otherwise. ``stream``: the pointer of the
+    CUDA stream whose kernels will write ``array`` (the fill is queued there, ordered before
+    them); None: CuPy's current stream, or a synchronous memset for a :class:`DeviceArray`."""
     if _poison():
-        if type(array) is DeviceArray:
+        if stream is not None and on_gpu():
+            import cupy
+
+            cupy.cuda.runtime.memsetAsync(data_pointer(array), POISON_BYTE, array.nbytes, stream)
+        elif type(array) is DeviceArray:
             import cupy
 
             cupy.cuda.runtime.memset(array.ptr, POISON_BYTE, array.nbytes)
@@ -234,14 +240,16 @@ def _current_cuda() -> Any:
 
 
 def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bits: str | None = None,
-               raw: bool = False) -> tuple[Any, Any]:
+               raw: bool = False, stream: int | None = None) -> tuple[Any, Any]:
     """A fresh output: ``(array the kernels write, function returning it as the caller's type)``.
 
     For CUDA PyTorch callers the memory comes from PyTorch's allocator, so the result is
     a plain tensor with no conversion afterwards; ``bits``: ``dtype`` holds the bit patterns of
     that dtype (a name of :data:`BIT_DTYPES`, e.g. "bfloat16" in uint16);
     ``raw``: the kernels get a :class:`DeviceArray` of it, not a CuPy array.
-    Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`), except while a CUDA graph is captured.
+    Poisoned under ``XMOE_POISON=1`` (:func:`poisoned`, on ``stream``: the pointer of the stream
+    the kernels write it on, where that is not CuPy's current one), except while a CUDA graph is
+    captured.
     """
     if origin.framework == "torch" and on_gpu():
         import torch
@@ -251,6 +259,6 @@ def new_output(shape: tuple[int, ...] | int, dtype: Any, origin: Origin, bits: s
         tensor = torch.empty(shape, dtype=torch_dtype, device=_current_cuda())
         array = _raw_view(tensor, dtype) if raw else _cupy_view(tensor, dtype)
         # a CUDA graph capture takes no synchronous memset (and would poison only once)
-        return (array if torch.cuda.is_current_stream_capturing() else poisoned(array)), lambda: tensor
-    array = poisoned(xp().empty(shape, dtype))
+        return (array if torch.cuda.is_current_stream_capturing() else poisoned(array, stream)), lambda: tensor
+    array = poisoned(xp().empty(shape, dtype), stream)
     return array, lambda: to_origin(array, origin, bits)

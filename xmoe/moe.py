@@ -3,15 +3,15 @@
 Every rank passes its own tokens and its own experts (rank r holds experts ``r * E / R`` to
 ``(r + 1) * E / R - 1``). The router (``xmoe.router``) picks each token's top-k experts; the
 normal mode's ``Buffer`` moves each token once to every rank that holds one of its experts;
-there each (row, local expert) pair is laid out expert by expert and the experts run as two
-grouped GEMMs (SwiGLU fused into the up projection, the routing weight into the down
-projection, ``kernels/gemm``); the pairs of one row are summed in float32, rounded to
-bfloat16, and combine sums each token's rows from every rank. A world of one skips dispatch
-and combine. Shared experts (a dense SwiGLU MLP every token goes through) are added.
+there each (row, local expert) pair is copied to its expert's part of one array
+(``kernels/pairs``), the experts run as two grouped GEMMs (SwiGLU fused into the up
+projection, the routing weight into the down projection, ``kernels/gemm``), and each row's
+pair outputs are summed in float32 and rounded to bfloat16 once; combine sums each token's
+rows from every rank. A world of one skips dispatch and combine. Shared experts (a dense
+SwiGLU MLP every token goes through) are added.
 
-Between the kernels the index math (sort the pairs by expert, gather the rows, add them back)
-runs on the backend's arrays (CuPy on the GPU, NumPy on the simulator), and the host reads
-the number of pairs (on one rank; across ranks dispatch's per-expert counts give it). With
+No step reads the device from the host: the pair counts come from the router (a world of
+one) or from dispatch's per-expert counts. With
 ``Config(num_chunks=n)`` the tokens go in n chunks: the dispatch of chunk i + 1 and the
 combine of chunk i - 1 run on the Buffer's communication stream while the experts of chunk i
 run on the caller's stream; shared experts run on a second stream from the start. Autograd
@@ -32,6 +32,7 @@ from xmoe.device_memory import on_gpu, xp
 from xmoe.config import Config, check_config
 from xmoe.event import EventOverlap, current_stream, event_on_current_stream
 from xmoe.interop import BFLOAT16, Origin, as_array, to_origin
+from xmoe.kernels.pairs import gather_pairs, sum_pairs
 
 #: Buffers ``moe`` made, per (group, hidden, experts, top-k): (tokens per rank they hold, Buffer).
 _BUFFERS: dict[tuple, tuple[int, Any]] = {}
@@ -65,7 +66,7 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
         bfloat16 ``[tokens, hidden]``, the caller's tensor type; with ``return_aux``, the tuple
         ``(y, load-balancing loss, router z-loss)`` (the losses as Python floats: forward only).
     """
-    from xmoe.kernels.router import router_logits, select_experts
+    from xmoe.kernels.router import route
 
     x_array, origin = as_array(x, "x")
     check_array(x_array, origin, "x", BFLOAT16, (None, None))
@@ -93,22 +94,21 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
     shared_weights = None if shared is None else _shared_weights(shared, hidden)
     config = _check_config(config)
     stream = current_stream(origin.framework) if on_gpu() else None
-    with stream or nullcontext():  # CuPy's index math on the caller's stream, with the kernels
-        logits = router_logits(x, w_router)
-        idx, weights, counts = select_experts(logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
-                                              topk_group=topk_group, renormalize=renormalize, scaling=scaling)
+    with stream or nullcontext():  # CuPy's work on the caller's stream, with the kernels
+        logits, idx, weights, counts = route(x, w_router, top_k, scoring=scoring, bias=bias, n_group=n_group,
+                                             topk_group=topk_group, renormalize=renormalize, scaling=scaling)
         shared_rows = None if shared is None else _start_shared_mlp(x_array, shared_weights, stream)
-        if num_ranks == 1:
-            y = _to_bf16_bits(expert_rows(x_array, as_array(idx, "topk_idx")[0], as_array(weights, "topk_weights")[0],
-                                          up, down, stream))
+        if num_ranks == 1:  # every id the router picks is valid: tokens * k pairs
+            y = expert_rows(x_array, idx, weights, counts, idx.size, up, down, stream, extra=shared_rows)
         else:
             buffer = layer_buffer(group, num_tokens, hidden, num_experts, top_k)
-            y = _routed_experts(buffer, x, idx, weights, num_experts, up, down, origin, config, stream)
-        if shared_rows is not None:
-            y = _to_bf16_bits(_bf16_to_f32(y) + shared_rows())
+            y = _routed_experts(buffer, x, to_origin(idx, origin), to_origin(weights, origin), num_experts, up, down,
+                                origin, config, stream)
+            if shared_rows is not None:
+                y = sum_pairs(y, xp().arange(num_tokens, dtype=np.int32)[:, None], shared_rows(), stream)
     y = to_origin(y, origin, "bfloat16")
     if return_aux:
-        return (y,) + aux_losses(as_array(logits, "logits")[0], as_array(counts, "counts")[0], top_k)
+        return (y,) + aux_losses(logits, counts, top_k)
     return y
 
 
@@ -161,10 +161,11 @@ def _routed_experts(buffer: Any, x: Any, idx: Any, weights: Any, num_experts: in
         if pending is not None:
             combine(*pending)
         received.current_stream_wait()
+        counts = xp().asarray(np.asarray(per_expert_list, dtype=np.int32))
         rows = expert_rows(as_array(recv_x, "recv_x")[0], as_array(recv_idx, "recv_topk_idx")[0],
-                           as_array(recv_weights, "recv_topk_weights")[0], w_up, w_down, stream,
-                           num_pairs=sum(per_expert_list))
-        rows = to_origin(_to_bf16_bits(rows), origin, "bfloat16")
+                           as_array(recv_weights, "recv_topk_weights")[0], counts, sum(per_expert_list), w_up,
+                           w_down, stream)
+        rows = to_origin(rows, origin, "bfloat16")
         pending = (rows, handle, _caller_event(origin))
         held.append((chunk_x, chunk_idx, chunk_weights, per_rank, per_expert, in_rank, recv_x, recv_idx,
                      recv_weights, rows))
@@ -192,36 +193,30 @@ def aux_losses(logits: Any, counts: Any, top_k: int) -> tuple[float, float]:
     return balance, z_loss
 
 
-def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, w_up: Any, w_down: Any, stream: Any,
-                num_pairs: int | None = None) -> Any:
-    """float32 ``[rows, hidden]``: each row's sum over its (local expert id, weight) pairs of
-    ``weight * down(swiglu(up(row)))``; ``rows`` uint16 (bfloat16 bits), ``topk_idx`` int64 ``[rows, k]``
-    (-1: no expert here), ``topk_weights`` float32 ``[rows, k]``, weights as :func:`moe` takes them.
-    The work runs on ``stream`` (a CuPy stream; None on the simulator); ``num_pairs``: the count
-    of ids >= 0 where the caller knows it (None: the host reads it, one synchronisation)."""
+def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, counts: Any, num_pairs: int, w_up: Any, w_down: Any,
+                stream: Any, extra: Callable[[], Any] | None = None) -> Any:
+    """uint16 (bfloat16 bits) ``[rows, hidden]``: each row's sum over its (local expert id, weight)
+    pairs of ``weight * down(swiglu(up(row)))``, each pair's term rounded to bfloat16 as the down
+    GEMM stores it, the sum in float32 (plus ``extra()``, float32 ``[rows, hidden]``, where given)
+    rounded once.
+
+    ``rows`` uint16 ``[rows, hidden]``, ``topk_idx`` int64 ``[rows, k]`` (-1: no expert here),
+    ``topk_weights`` float32 ``[rows, k]``, ``counts`` int32 ``[local experts]`` the pairs of each
+    expert and ``num_pairs`` their sum (what the router or dispatch counted), weights as
+    :func:`moe` takes them; all backend arrays. The work runs on ``stream`` (a CuPy stream; None
+    on the simulator); ``extra`` is called just before the sum (it may make ``stream`` wait)."""
     from xmoe.kernels.gemm import GemmVariant, Problem, gemm_into
 
-    xpm = xp()
     num_local, ffn, hidden = w_up.shape[0], w_up.shape[1] // 2, w_up.shape[2]
     with stream or nullcontext():
-        flat = topk_idx.reshape(-1)
-        valid = flat >= 0
-        order = xpm.argsort(xpm.where(valid, flat, num_local), kind="stable")
-        if num_pairs is None:
-            num_pairs = int(valid.sum())
-        order = order[:num_pairs]
-        row_of = order // topk_idx.shape[1]
-        offs = xpm.cumsum(xpm.bincount(flat[valid], minlength=num_local)).astype(np.int32)
-        h = xpm.empty((num_pairs, ffn), np.uint16)
-        gemm_into(Problem(xpm.ascontiguousarray(rows[row_of]), w_up, h, offs, None, num_pairs, ffn, hidden,
-                          num_local), GemmVariant("swiglu", "nk", "bf16"), stream)
-        pair_out = xpm.empty((num_pairs, hidden), np.float32)
-        pair_weights = xpm.ascontiguousarray(topk_weights.reshape(-1)[order])
-        gemm_into(Problem(h, w_down, pair_out, offs, pair_weights, num_pairs, hidden, ffn, num_local),
-                  GemmVariant("row_scale", "nk", "f32"), stream)
-        out = xpm.zeros((rows.shape[0], hidden), np.float32)
-        xpm.add.at(out, row_of, pair_out)
-    return out
+        pairs = gather_pairs(rows, topk_idx, topk_weights, counts, num_pairs, stream)
+        h = xp().empty((num_pairs, ffn), np.uint16)
+        gemm_into(Problem(pairs.rows, w_up, h, pairs.offs, None, num_pairs, ffn, hidden, num_local),
+                  GemmVariant("swiglu", "nk", "bf16"), stream)
+        pair_out = xp().empty((num_pairs, hidden), np.uint16)
+        gemm_into(Problem(h, w_down, pair_out, pairs.offs, pairs.weights, num_pairs, hidden, ffn, num_local),
+                  GemmVariant("row_scale", "nk", "bf16"), stream)
+        return sum_pairs(pair_out, pairs.slot, None if extra is None else extra(), stream)
 
 
 def _shared_weights(shared: Any, hidden: int) -> tuple[Any, Any]:
@@ -266,21 +261,20 @@ def _start_shared_mlp(x: Any, weights: tuple[Any, Any], stream: Any) -> Callable
 
 
 def _dense_swiglu(x: Any, up: Any, down: Any, stream: Any) -> Any:
-    """float32 ``[tokens, hidden]``: one expert that every token goes to with weight 1."""
+    """float32 ``[tokens, hidden]``: ``down(swiglu(up(x)))`` for every row of ``x`` (uint16
+    ``[tokens, hidden]``), ``up`` ``[2 * width, hidden]``, ``down`` ``[hidden, width]``."""
+    from xmoe.kernels.gemm import GemmVariant, Problem, gemm_into
+
+    (tokens, hidden), width = x.shape, down.shape[1]
     with stream or nullcontext():
-        expert_zero = xp().zeros((x.shape[0], 1), np.int64)
-        ones = xp().ones((x.shape[0], 1), np.float32)
-    return expert_rows(x, expert_zero, ones, up[None], down[None], stream, num_pairs=x.shape[0])
-
-
-def _bf16_to_f32(bits: Any) -> Any:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def _to_bf16_bits(values: Any) -> Any:
-    """float32 -> bfloat16 bits, rounded to nearest even (the values are finite)."""
-    bits = xp().ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        offs = xp().full((1,), tokens, dtype=np.int32)
+        h = xp().empty((tokens, width), np.uint16)
+        gemm_into(Problem(x, up[None], h, offs, None, tokens, width, hidden, 1), GemmVariant("swiglu", "nk", "bf16"),
+                  stream)
+        out = xp().empty((tokens, hidden), np.float32)
+        gemm_into(Problem(h, down[None], out, offs, None, tokens, hidden, width, 1), GemmVariant("none", "nk", "f32"),
+                  stream)
+    return out
 
 
 def layer_buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:

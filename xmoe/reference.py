@@ -199,6 +199,42 @@ def grouped_gemm(
     return out
 
 
+def gather_pairs(rows: np.ndarray, topk_idx: np.ndarray, topk_weights: np.ndarray,
+                 num_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The (row, expert) pairs of ``rows`` laid out expert by expert, rows in order within one.
+
+    Args:
+        rows: ``[rows, hidden]`` (any dtype); topk_idx: int ``[rows, k]``, experts in
+            ``[0, num_groups)``, -1: none; topk_weights: float32 ``[rows, k]``.
+
+    Returns:
+        ``(pair rows [pairs, hidden], pair weights float32 [pairs], row of each pair int32
+        [pairs], slot int32 [rows, k]`` (the pair of (row, j), -1 for none), ``offs int32
+        [num_groups]`` (cumulative ends)).
+    """
+    flat = topk_idx.reshape(-1)
+    valid = flat >= 0
+    order = np.argsort(np.where(valid, flat, num_groups), kind="stable")[:int(valid.sum())]
+    slot = np.full(flat.shape, -1, np.int32)
+    slot[order] = np.arange(len(order), dtype=np.int32)
+    row_of = (order // topk_idx.shape[1]).astype(np.int32)
+    offs = np.cumsum(np.bincount(flat[valid], minlength=num_groups)).astype(np.int32)
+    return (rows[row_of], topk_weights.reshape(-1)[order].astype(np.float32), row_of,
+            slot.reshape(topk_idx.shape), offs)
+
+
+def sum_pairs(pair_out: np.ndarray, slot: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bits (uint16) ``[rows, hidden]``: row r's pair outputs ``pair_out[slot[r, j]]``
+    (bfloat16 bits ``[pairs, hidden]``; slots -1 skipped) summed in float32 in slot order, plus
+    ``extra[r]`` (float32) when given, rounded to bfloat16 once."""
+    values = pair_out.view(ml_dtypes.bfloat16).astype(np.float32)
+    out = np.zeros((slot.shape[0], pair_out.shape[1]), np.float32) if extra is None else extra.astype(np.float32)
+    for j in range(slot.shape[1]):
+        hit = slot[:, j] >= 0
+        out[hit] += values[slot[hit, j]]
+    return out.astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
 def expert_scores(logits: np.ndarray, scoring: str) -> np.ndarray:
     """float32 ``[tokens, experts]``: softmax over each row, or the sigmoid of each logit."""
     logits = logits.astype(np.float32)
@@ -343,8 +379,9 @@ def moe(xs: Sequence[np.ndarray], w_router: np.ndarray, w_up: np.ndarray, w_down
         shared: the dense SwiGLU MLP's ``(w_up [2 * ffn_s, hidden], w_down [hidden, ffn_s])`` or None.
 
     Each token: softmax top-k of ``x @ w_router`` (fp32), and the float32 sum of
-    ``weight * (h @ w_down[e]^T)`` with ``h = silu(gate) * up`` rounded to bfloat16 (as the
-    grouped GEMM stores it), plus the shared MLP's output, rounded to bfloat16 once.
+    ``weight * (h @ w_down[e]^T)`` with ``h = silu(gate) * up``, both ``h`` and each weighted
+    term rounded to bfloat16 (as the grouped GEMMs store them), plus the shared MLP's output,
+    rounded to bfloat16 once.
     """
     results = []
     for x in xs:
@@ -353,7 +390,8 @@ def moe(xs: Sequence[np.ndarray], w_router: np.ndarray, w_up: np.ndarray, w_down
         out = np.zeros(x.shape, np.float32)
         for t in range(x.shape[0]):
             for e, weight in zip(idx[t], weights[t]):
-                out[t] += np.float32(weight) * _swiglu_mlp(x[t], w_up[e], w_down[e])
+                out[t] += round_to(np.float32(weight) * _swiglu_mlp(x[t], w_up[e], w_down[e]),
+                                   ml_dtypes.bfloat16).astype(np.float32)
             if shared is not None:
                 out[t] += _swiglu_mlp(x[t], shared[0], shared[1])
         results.append(out.astype(ml_dtypes.bfloat16))

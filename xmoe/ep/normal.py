@@ -125,7 +125,7 @@ class NormalMode:
         # source index of every row this rank can receive
         src_idx_first = num_tokens * ranks + ranks + 1
         handle_block = new_output(src_idx_first + max(ranks * layout.capacity, num_worst_tokens), np.int32, origin,
-                                  raw=True)[0]
+                                  raw=True, stream=plan.pointer)[0]
         send_slot = part(handle_block, 0, (num_tokens, ranks))
         recv_offsets = part(handle_block, num_tokens * ranks, (ranks + 1,))
         sends = dict(x=words, x_scales=scales, topk_idx=idx, topk_weights=weights, is_token_in_rank=routing.is_token_in_rank,
@@ -144,11 +144,11 @@ class NormalMode:
             num_recv, phases = int(counts[:, state.rank].sum()), RECEIVE  # counts: row = source
         recv_src_idx = part(handle_block, src_idx_first, (num_recv,))
         recv_x, recv_x_out = new_output((num_recv, payload.shape[1]), payload.dtype, origin, bits_of(origin),
-                                        raw=True)
+                                        raw=True, stream=plan.pointer)
         k = idx.shape[1]
-        recv_idx, recv_idx_out = new_output((num_recv, k), np.int64, origin, raw=True)
-        recv_weights, recv_weights_out = new_output((num_recv, k), np.float32, origin, raw=True)
-        recv_scales, recv_x_out = self._with_scales(recv_x_out, num_recv, scales.shape[1], origin)
+        recv_idx, recv_idx_out = new_output((num_recv, k), np.int64, origin, raw=True, stream=plan.pointer)
+        recv_weights, recv_weights_out = new_output((num_recv, k), np.float32, origin, raw=True, stream=plan.pointer)
+        recv_scales, recv_x_out = self._with_scales(recv_x_out, num_recv, scales.shape[1], origin, plan)
         recv_words = as_words(recv_x, words.dtype)  # a new tensor: aligned for any word
         receives = dict(recv_x=recv_words, recv_x_scales=recv_scales, recv_src_idx=recv_src_idx,
                         recv_topk_idx=recv_idx, recv_topk_weights=recv_weights)
@@ -164,8 +164,8 @@ class NormalMode:
         """A dispatch that repeats ``handle``'s routing with a new payload (``scales`` as in
         :meth:`dispatch`): one launch; ``recv_x``."""
         recv_x, recv_x_out = new_output((handle.num_recv, payload.shape[1]), payload.dtype, origin, bits_of(origin),
-                                        raw=True)
-        recv_scales, recv_x_out = self._with_scales(recv_x_out, handle.num_recv, scales.shape[1], origin)
+                                        raw=True, stream=plan.pointer)
+        recv_scales, recv_x_out = self._with_scales(recv_x_out, handle.num_recv, scales.shape[1], origin, plan)
         words = as_words(payload)
         recv_words = as_words(recv_x, words.dtype)
         row_bytes = payload.shape[1] * payload.itemsize
@@ -180,12 +180,14 @@ class NormalMode:
         return recv_x_out()
 
     @staticmethod
-    def _with_scales(recv_x_out: Any, rows: int, num_scales: int, origin: Origin) -> tuple[Any, Any]:
+    def _with_scales(recv_x_out: Any, rows: int, num_scales: int, origin: Origin,
+                     plan: StreamPlan | HostPlan) -> tuple[Any, Any]:
         """The received scales' output (``[rows, 0]`` without FP8) and the function returning
         ``recv_x`` as the caller sees it: with FP8, the tuple of rows and scales."""
         if not num_scales:
             return empty((rows, 0), np.float32), recv_x_out
-        recv_scales, recv_scales_out = new_output((rows, num_scales), np.float32, origin, raw=True)
+        recv_scales, recv_scales_out = new_output((rows, num_scales), np.float32, origin, raw=True,
+                                                  stream=plan.pointer)
         return recv_scales, lambda: (recv_x_out(), recv_scales_out())
 
     def _handle(self, counts: np.ndarray | None, per_expert: np.ndarray | None, num_recv: int, in_rank: Any,
@@ -211,10 +213,11 @@ class NormalMode:
         state = self.state
         num_tokens = handle.is_token_in_rank.shape[0]
         out, out_finish = new_output((num_tokens, payload.shape[1]), payload.dtype, origin, bits_of(origin),
-                                     raw=True)
+                                     raw=True, stream=plan.pointer)
         has_weights = weights is not None
         if has_weights:
-            out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin, raw=True)
+            out_weights, out_weights_finish = new_output((num_tokens, weights.shape[1]), np.float32, origin, raw=True,
+                                                         stream=plan.pointer)
         else:
             weights, out_weights = empty((handle.num_recv, 0), np.float32), empty((num_tokens, 0), np.float32)
         words = as_words(payload)

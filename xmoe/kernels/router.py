@@ -306,6 +306,21 @@ def _logits(x: Any, w_router: Any) -> tuple[Any, Origin, Any]:
     return logits, origin, stream
 
 
+def route(x: Any, w_router: Any, num_topk: int, *, scoring: str, bias: Any, n_group: int | None,
+          topk_group: int | None, renormalize: bool, scaling: float) -> tuple[Any, Any, Any, Any]:
+    """:func:`router`'s work for callers inside xmoe, on backend arrays (CuPy on the GPU, NumPy on
+    the simulator) with no conversion to the caller's type; the arguments as :func:`router` takes them.
+
+    Returns:
+        ``(logits float32 [tokens, experts], topk_idx int64 [tokens, k], topk_weights float32
+        [tokens, k], num_tokens_per_expert int32 [experts])``.
+    """
+    logits, _, stream = _logits(x, w_router)
+    backend = Origin("cupy" if on_gpu() else "numpy", "float32")
+    return (logits,) + _select(logits, backend, num_topk, scoring, bias, n_group, topk_group, renormalize, scaling,
+                               stream)
+
+
 def router_logits(x: Any, w_router: Any) -> Any:
     """float32 ``[tokens, experts]`` logits ``x @ w_router`` (bfloat16 in, fp32 accumulation).
 
