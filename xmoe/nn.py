@@ -12,10 +12,13 @@ experts as :class:`ExpertsFunction`, whose backward uses the duality of the two 
   source and the ranks' parts are summed there, with the gradients of the top-k weights
   as combine's ``topk_weights`` (a rank's own experts' slots, zero elsewhere).
 
-Per expert, with ``A`` its rows, ``gu = A @ W_up^T`` and ``h = silu(gate) * up``, ``o = h @ W_down^T``:
-``dh = (w dY) @ W_down`` and ``dA = d(gu) @ W_up`` run as xmoe's grouped GEMMs (the weights
-read as ``[groups, K, N]``, ``w_layout="kn"``); the weight gradients ``dW_down = (w dY)^T @ h``
-and ``dW_up = d(gu)^T @ A`` group the reduction dimension (each expert's rows), which xmoe's
+Per expert, with ``A`` its rows, ``gu = A @ W_up^T``, ``h = silu(gate) * up`` and each pair's
+weight ``w``, the forward stores ``w * (h @ W_down^T)`` only (the down GEMM's row-weight
+epilogue) and sums each row's pairs (``kernels/pairs``). The backward takes one GEMM
+``g = dY @ W_down`` for both ``dh = w g`` and ``dw = <g, h>`` (so the unweighted output is
+never kept), ``dA = d(gu) @ W_up``; those run as xmoe's grouped GEMMs (the weights read as
+``[groups, K, N]``, ``w_layout="kn"``). The weight gradients ``dW_down = (w dY)^T @ h`` and
+``dW_up = d(gu)^T @ A`` group the reduction dimension (each expert's rows), which xmoe's
 kernels do not do yet: they run as one ``torch._grouped_mm`` each (PyTorch >= 2.9), as
 PyTorch's own grouped-GEMM autograd computes them.
 """
@@ -28,28 +31,32 @@ import torch
 from torch import nn
 
 from xmoe.arguments import as_group, check_int
+from xmoe.device_memory import on_gpu
+from xmoe.event import current_stream
+from xmoe.interop import Origin, as_array, to_origin
 from xmoe.kernels.gemm import grouped_gemm
+from xmoe.kernels.pairs import Pairs, gather_pairs, sum_pairs
 from xmoe.kernels.router import select_experts
 from xmoe.moe import layer_buffer
 
 
-class _Pairs:
-    """The (row, local expert) pairs of received rows, laid out expert by expert.
+def _pairs(rows: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: torch.Tensor,
+           num_pairs: int) -> Pairs:
+    """:func:`xmoe.kernels.pairs.gather_pairs` of PyTorch tensors (``rows`` bfloat16), as PyTorch
+    tensors: the pair rows bfloat16, the rest as ``Pairs`` holds them."""
+    arrays = gather_pairs(*(as_array(t, name)[0] for t, name in ((rows, "rows"), (topk_idx, "topk_idx"),
+                                                                (topk_weights, "topk_weights"), (counts, "counts"))),
+                          num_pairs, current_stream("torch") if on_gpu() else None)
+    torch_tensor = Origin("torch", "float32")
+    return Pairs(to_origin(arrays.rows, Origin("torch", "bfloat16"), "bfloat16"),
+                 *(to_origin(a, torch_tensor) for a in arrays[1:]))
 
-    Attributes:
-        order: int64 ``[pairs]``, each pair's flat index into ``[rows, k]``; row_of: its row.
-        offs: int32 ``[local experts]``, cumulative pair counts (the grouped GEMMs' ``offs``).
-    """
 
-    def __init__(self, topk_idx: torch.Tensor, num_local_experts: int) -> None:
-        flat = topk_idx.reshape(-1)
-        valid = flat >= 0
-        keys = torch.where(valid, flat, torch.full_like(flat, num_local_experts))
-        num_pairs = int(valid.sum())  # the host sizes the GEMMs: one synchronisation
-        self.order = torch.sort(keys, stable=True).indices[:num_pairs]
-        self.row_of = self.order // topk_idx.shape[1]
-        counts = torch.bincount(flat[valid], minlength=num_local_experts)
-        self.offs = torch.cumsum(counts, 0).to(torch.int32)
+def _sum_pairs(pair_out: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """bfloat16 ``[rows, hidden]``: :func:`xmoe.kernels.pairs.sum_pairs` of bfloat16 ``pair_out``."""
+    summed = sum_pairs(as_array(pair_out, "pair_out")[0], as_array(slot, "slot")[0], None,
+                       current_stream("torch") if on_gpu() else None)
+    return to_origin(summed, Origin("torch", "bfloat16"), "bfloat16")
 
 
 def _swiglu(gu: torch.Tensor) -> torch.Tensor:
@@ -75,59 +82,55 @@ class ExpertsFunction(torch.autograd.Function):
     the weighted rows back and summed (see the module for the backward)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, w_up: torch.Tensor,
-                w_down: torch.Tensor, buffer: Any, num_experts: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor, buffer: Any, num_experts: int) -> torch.Tensor:
         """``x`` bfloat16 ``[tokens, hidden]``, ``topk_idx`` int64 / ``topk_weights`` float32
-        ``[tokens, k]``, ``w_up`` bfloat16 ``[local experts, 2 * ffn, hidden]``, ``w_down``
-        ``[local experts, hidden, ffn]``, ``buffer`` the group's Buffer (None: a world of one);
-        returns bfloat16 ``[tokens, hidden]``."""
+        ``[tokens, k]``, ``counts`` int32 ``[experts]`` the router's choices per expert, ``w_up``
+        bfloat16 ``[local experts, 2 * ffn, hidden]``, ``w_down`` ``[local experts, hidden, ffn]``,
+        ``buffer`` the group's Buffer (None: a world of one); returns bfloat16 ``[tokens, hidden]``."""
         x, topk_weights, w_up, w_down = x.detach(), topk_weights.detach(), w_up.detach(), w_down.detach()  # DLPack exports no autograd leaves
         if buffer is None:
-            rows, row_idx, row_weights, handle = x, topk_idx, topk_weights, None
+            rows, row_idx, row_weights, handle, num_pairs = x, topk_idx, topk_weights, None, topk_idx.numel()
         else:
             per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-            rows, row_idx, row_weights, _, handle, _ = buffer.dispatch(
+            rows, row_idx, row_weights, per_expert_list, handle, _ = buffer.dispatch(
                 x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                 topk_idx=topk_idx, topk_weights=topk_weights)
-        pairs = _Pairs(row_idx, w_up.shape[0])
-        a = rows[pairs.row_of].contiguous()
-        gu = grouped_gemm(a, w_up, pairs.offs, out_dtype="float32")
-        h = _swiglu(gu).to(torch.bfloat16)
-        o = grouped_gemm(h, w_down, pairs.offs, out_dtype="float32")
-        pair_weights = row_weights.reshape(-1)[pairs.order]
-        summed = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-        summed.index_add_(0, pairs.row_of, o * pair_weights[:, None])
-        y = summed.to(torch.bfloat16)
+            counts = torch.tensor(per_expert_list, dtype=torch.int32, device=x.device)
+            num_pairs = sum(per_expert_list)
+        pairs = _pairs(rows, row_idx, row_weights, counts, num_pairs)
+        gu = grouped_gemm(pairs.rows, w_up, pairs.offs)
+        h = _swiglu(gu)
+        weighted = grouped_gemm(h, w_down, pairs.offs, row_weights=pairs.weights)
+        y = _sum_pairs(weighted, pairs.slot)
         if buffer is not None:
             y, _, _ = buffer.combine(y, handle)
-        ctx.save_for_backward(a, gu, h, o, pair_weights, w_up, w_down)
-        ctx.pairs, ctx.buffer, ctx.handle, ctx.row_shape = pairs, buffer, handle, row_weights.shape
+        ctx.save_for_backward(pairs.rows, gu, h, pairs.weights, pairs.row_of, pairs.slot, pairs.offs, w_up, w_down)
+        ctx.buffer, ctx.handle = buffer, handle
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
-        a, gu, h, o, pair_weights, w_up, w_down = ctx.saved_tensors
-        pairs, buffer, handle = ctx.pairs, ctx.buffer, ctx.handle
+        a, gu, h, pair_weights, row_of, slot, offs, w_up, w_down = ctx.saved_tensors
+        buffer, handle = ctx.buffer, ctx.handle
         grad = grad_y.to(torch.bfloat16).contiguous()
         if buffer is not None:  # combine's backward: a dispatch along the forward's routing
             grad, _, _, _, _, _ = buffer.dispatch(grad, handle=handle)
-        grad_pairs = grad[pairs.row_of].float()
-        grad_pair_weights = (grad_pairs * o).sum(dim=1)
-        grad_o = (grad_pairs * pair_weights[:, None]).to(torch.bfloat16)
-        grad_h = grouped_gemm(grad_o, w_down, pairs.offs, w_layout="kn", out_dtype="float32")
-        grad_gu = _swiglu_backward(gu, grad_h).to(torch.bfloat16)
-        grad_a = grouped_gemm(grad_gu, w_up, pairs.offs, w_layout="kn", out_dtype="float32")
-        grad_w_down = _per_expert_outer(grad_o, h, pairs.offs)
-        grad_w_up = _per_expert_outer(grad_gu, a, pairs.offs)
-        grad_rows = torch.zeros((ctx.row_shape[0], a.shape[1]), dtype=torch.float32, device=a.device)
-        grad_rows.index_add_(0, pairs.row_of, grad_a)
-        grad_weights = torch.zeros(ctx.row_shape.numel(), dtype=torch.float32, device=a.device)
-        grad_weights[pairs.order] = grad_pair_weights
-        grad_weights = grad_weights.reshape(ctx.row_shape)
-        grad_x = grad_rows.to(torch.bfloat16)
+        grad_pairs = grad[row_of]
+        # d(w o)/dh = w dY W_down and d(w o)/dw = <dY, h W_down^T> = <dY W_down, h>: one GEMM
+        # gives both, so the unweighted expert output o is never stored
+        grad_h_unweighted = grouped_gemm(grad_pairs, w_down, offs, w_layout="kn", out_dtype="float32")
+        grad_pair_weights = (grad_h_unweighted * h.float()).sum(dim=1)
+        grad_h = grad_h_unweighted * pair_weights[:, None]
+        grad_gu = _swiglu_backward(gu.float(), grad_h).to(torch.bfloat16)
+        grad_a = grouped_gemm(grad_gu, w_up, offs, w_layout="kn")
+        grad_w_down = _per_expert_outer((grad_pairs.float() * pair_weights[:, None]).to(torch.bfloat16), h, offs)
+        grad_w_up = _per_expert_outer(grad_gu, a, offs)
+        grad_weights = torch.where(slot >= 0, grad_pair_weights[slot.clamp(min=0)], 0.0)
+        grad_x = _sum_pairs(grad_a, slot)
         if buffer is not None:  # dispatch's backward: a combine, the weights' gradients beside
             grad_x, grad_weights, _ = buffer.combine(grad_x, handle, topk_weights=grad_weights)
-        return grad_x, None, grad_weights, grad_w_up, grad_w_down, None, None
+        return grad_x, None, grad_weights, None, grad_w_up, grad_w_down, None, None
 
 
 class MoE(nn.Module):
@@ -176,23 +179,24 @@ class MoE(nn.Module):
         self.w_shared_up = weight(2 * width, hidden) if width else None
         self.w_shared_down = weight(hidden, width) if width else None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(topk_idx int64 [tokens, k], topk_weights float32 [tokens, k])`` of ``x``: the experts
-        chosen by :func:`xmoe.select_experts`, their weights differentiable in the router."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(topk_idx int64 [tokens, k], topk_weights float32 [tokens, k], counts int32 [experts])``
+        of ``x``: the experts chosen by :func:`xmoe.select_experts`, their weights differentiable
+        in the router, and the choices per expert."""
         logits = x.float() @ self.w_router.float()
-        idx, _, _ = select_experts(logits.detach(), self.top_k, **self.routing)
+        idx, _, counts = select_experts(logits.detach(), self.top_k, **self.routing)
         scores = torch.softmax(logits, dim=1) if self.routing["scoring"] == "softmax" else torch.sigmoid(logits)
         weights = scores.gather(1, idx)
         if self.renormalize:
             weights = weights / weights.sum(dim=1, keepdim=True)
-        return idx, weights * self.scaling
+        return idx, weights * self.scaling, counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's tokens ``x`` bfloat16 ``[tokens, hidden]`` through the layer (same shape)."""
-        idx, weights = self.route(x)
+        idx, weights, counts = self.route(x)
         buffer = None if self.group is None else layer_buffer(self.group, x.shape[0], self.hidden,
                                                                 self.num_experts, self.top_k)
-        y = ExpertsFunction.apply(x, idx, weights, self.w_up, self.w_down, buffer, self.num_experts)
+        y = ExpertsFunction.apply(x, idx, weights, counts, self.w_up, self.w_down, buffer, self.num_experts)
         if self.w_shared_up is not None:
             shared = _swiglu(x @ self.w_shared_up.T)  # bfloat16 matmuls, float32 accumulation
             y = (y.float() + (shared @ self.w_shared_down.T).float()).to(torch.bfloat16)
