@@ -10,12 +10,12 @@ pair outputs are summed in float32 and rounded to bfloat16 once; combine sums ea
 rows from every rank. A world of one skips dispatch and combine. Shared experts (a dense
 SwiGLU MLP every token goes through) are added.
 
-No step reads the device from the host: the pair counts come from the router (a world of
-one) or from dispatch's per-expert counts. With
-``Config(num_chunks=n)`` the tokens go in n chunks: the dispatch of chunk i + 1 and the
-combine of chunk i - 1 run on the Buffer's communication stream while the experts of chunk i
-run on the caller's stream; shared experts run on a second stream from the start. Autograd
-is PyTorch's adapter, ``nn.py``.
+The experts' part reads nothing back from the device: the pair counts come from the router
+(a world of one) or from dispatch's per-expert counts (across ranks the host waits once a
+dispatch, for its counts). With ``Config(num_chunks=n)`` the tokens go in n chunks: the
+dispatch of chunk i + 1 and the combine of chunk i - 1 run on the Buffer's communication
+stream while the experts of chunk i run on the caller's stream; shared experts run on a
+second stream from the start. Autograd is PyTorch's adapter, ``nn.py``.
 """
 
 from __future__ import annotations
