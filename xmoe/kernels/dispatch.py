@@ -13,11 +13,14 @@ One kernel, three phases (a bit mask, so that a launch runs any of them in order
    goes straight into slot ``send_slot[t, dst]`` of this rank's region in each
    destination (stores or NVSHMEM puts); the block that finishes the last token raises
    the data signal in every destination. The payload of a row this rank keeps stays in
-   ``x`` (only its small fields go into its own region).
+   ``x`` (only its small fields go into its own region); a cached dispatch, which knows
+   the receive offsets at launch, copies such a row into ``recv_x`` here, while the peers
+   are still sending.
 3. ``RECEIVE``: waits, bounded, for every source's data signal and a matching call shape,
    then moves the received rows, ordered by source rank then by source token, into the
    outputs; the rows this rank kept come straight from ``x`` (one copy instead of two: on
-   one GPU shared by 2 PEs half the rows are kept, and HBM traffic is the cost).
+   one GPU shared by 2 PEs half the rows are kept, and HBM traffic is the cost), unless the
+   send phase copied them.
 
 A dispatch without a handle launches 1+2, then 3 once the host has sized the outputs;
 into worst-case-sized outputs (``num_worst_tokens``) it launches 1+2+3 at once, and a
@@ -189,6 +192,8 @@ def dispatch_kernel(transport: Transport) -> Any:
                         cuda.atomic.exch(work, WORK_COUNTED, 1)
                 column = claim(work, WORK_NEXT_COLUMN, 1, slot_of)
             wait_local(work, WORK_SCANNED, num_ranks)  # every send slot is numbered
+        # a cached dispatch (send + receive in one launch, no notify) knows where its kept rows go
+        keep_in_send = (phases & (NOTIFY | SEND | RECEIVE)) == SEND | RECEIVE
         if phases & SEND:
             num_tokens = x.shape[0]
             sent = 0
@@ -197,8 +202,15 @@ def dispatch_kernel(transport: Transport) -> Any:
                 for t in range(first, min(first + CLAIM, num_tokens)):
                     for dst in range(num_ranks):
                         slot = send_slot[t, dst]
-                        if slot >= 0:
-                            if dst != rank:  # a row this rank keeps is copied from x by the receive
+                        if slot >= 0 and dst == rank and keep_in_send:  # kept: straight into recv_x
+                            row = recv_offsets[rank] + slot
+                            copy_row(recv_x[row], x[t])
+                            for j in range(tid, num_scales, num_threads):
+                                recv_x_scales[row, j] = x_scales[t, j]
+                            if tid == 0:
+                                recv_src_idx[row] = t
+                        elif slot >= 0:
+                            if dst != rank:  # else a row this rank keeps: the receive copies it from x
                                 write_row(peers, local_x, dst, rank, slot, x[t])
                             for j in range(tid, num_topk, num_threads):
                                 local = topk_idx[t, j] - dst * num_local_experts
@@ -232,6 +244,8 @@ def dispatch_kernel(transport: Transport) -> Any:
                         if row < received:
                             src = source_of_row(recv_offsets, row)
                             slot = row - recv_offsets[src]
+                            if src == rank and keep_in_send:
+                                continue  # copied by the send phase
                             if src == rank:
                                 copy_row(recv_x[row], x[local_src_idx[src, slot, 0]])
                             else:
