@@ -82,6 +82,13 @@ class Field:
             return self.offset
         return self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.strides)) + self.dtype.itemsize
 
+    def byte_offsets(self) -> np.ndarray:
+        """int64: every byte offset the field covers, element by element (for checks of a layout)."""
+        index = np.zeros(1, np.int64)
+        for n, stride in zip(self.shape, self.strides):
+            index = (index[:, None] + np.arange(n) * stride).ravel()
+        return (self.offset + index[:, None] + np.arange(self.dtype.itemsize)).ravel()
+
 
 def contiguous_field(name: str, offset: int, dtype: Any, shape: tuple[int, ...], first_stride: int | None = None) -> Field:
     dtype = np.dtype(dtype)
