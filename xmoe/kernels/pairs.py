@@ -149,12 +149,16 @@ class Pairs(NamedTuple):
     offs: Any
 
 
+def pairs_source(top_k: int) -> str:
+    """CUDA C of both kernels for rows routed ``top_k`` ways."""
+    return f"#define TOPK {top_k}\n" + PRELUDE + _SOURCE
+
+
 @lru_cache(maxsize=None)
 def _kernels(top_k: int) -> tuple[Any, Any]:
     from xmoe.kernels.build import compile_kernel, current_device
 
-    code = f"#define TOPK {top_k}\n" + PRELUDE + _SOURCE
-    arch = f"sm_{current_device().compute_capability}"
+    code, arch = pairs_source(top_k), f"sm_{current_device().compute_capability}"
     return compile_kernel(code, "gather_pairs", arch), compile_kernel(code, "sum_pairs", arch)
 
 
