@@ -1,5 +1,6 @@
-"""xmoe.moe against the NumPy layer: a world of one, 2 and 4 ranks with ragged token counts,
-shared experts, a rank with no tokens."""
+"""xmoe.moe and xmoe.fused_moe (the same contract, one kernel) against the NumPy layer: a world
+of one, 2 and 4 ranks with ragged token counts, shared experts, a rank with no tokens; the
+fused layer also with tiles of a few rows, every token to one expert, and MoELayer(fused=True)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def weights(seed: int, num_experts: int, shared_ffn: int = 0) -> dict:
     return layer
 
 
-def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: int = 0, config=None) -> None:
+LAYERS = ["moe", "fused_moe"]
+
+
+def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: int = 0, config=None,
+        function: str = "moe") -> None:
     import xmoe
 
     to_device, to_host = backend_io()
@@ -36,8 +41,8 @@ def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: i
     local = num_experts // ranks
     mine = slice(me * local, (me + 1) * local)
     shared = tuple(to_device(w) for w in layer["shared"]) if shared_ffn else None
-    y = xmoe.moe(to_device(xs[me]), to_device(layer["w_router"]), to_device(layer["w_up"][mine]),
-                 to_device(layer["w_down"][mine]), TOPK, group=group, shared=shared, config=config)
+    y = getattr(xmoe, function)(to_device(xs[me]), to_device(layer["w_router"]), to_device(layer["w_up"][mine]),
+                                to_device(layer["w_down"][mine]), TOPK, group=group, shared=shared, config=config)
     want = reference.moe(xs, layer["w_router"], layer["w_up"], layer["w_down"], TOPK,
                          shared=layer.get("shared"))[me]
     got = to_host(y)
@@ -45,10 +50,11 @@ def run(group, tokens: list[int], num_experts: int, shared_ffn: int = 0, seed: i
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-2, atol=2e-2)
 
 
-def test_moe_world_of_one():
-    """No group: the router, the grouped GEMMs and the sum back, with and without shared experts."""
-    run(None, [24], 8)
-    run(None, [17], 8, shared_ffn=48, seed=1)
+@pytest.mark.parametrize("function", LAYERS)
+def test_moe_world_of_one(function):
+    """No group: the router, the experts and the sum back, with and without shared experts."""
+    run(None, [24], 8, function=function)
+    run(None, [17], 8, shared_ffn=48, seed=1, function=function)
 
 
 def test_moe_aux_losses():
@@ -67,12 +73,49 @@ def test_moe_aux_losses():
                     to_device(layer["w_down"]), TOPK, return_aux=True)[1:] == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("function", LAYERS)
 @pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.mpi(ranks=2)),
                                    pytest.param(4, marks=pytest.mark.mpi(ranks=4))])
-def test_moe_across_ranks(group, ranks):
+def test_moe_across_ranks(group, ranks, function):
     """Each rank its own token count (one rank none), its own experts; shared experts on top."""
-    run(group, [9 + 5 * r for r in range(ranks)], 4 * ranks)
-    run(group, [0] + [11] * (ranks - 1), 4 * ranks, shared_ffn=16, seed=2)
+    run(group, [9 + 5 * r for r in range(ranks)], 4 * ranks, function=function)
+    run(group, [0] + [11] * (ranks - 1), 4 * ranks, shared_ffn=16, seed=2, function=function)
+
+
+def one_expert_router(num_experts: int) -> np.ndarray:
+    """A router under which every token of positive inputs picks expert 0 first."""
+    w_router = np.random.default_rng(9).standard_normal((HIDDEN, num_experts)) / HIDDEN
+    w_router[:, 0] = 1.0
+    return w_router.astype(BFLOAT16)
+
+
+@pytest.mark.parametrize("ranks", [pytest.param(1), pytest.param(2, marks=pytest.mark.mpi(ranks=2))])
+def test_fused_tiles_of_a_few_rows(group, ranks):
+    """The handle API with 4-row tiles: cells of several tiles (the last one partial), cells
+    with none, every token to expert 0 (its cells fill up tile after tile), and forwards of
+    fewer tokens than the handle holds, repeated on one handle."""
+    import xmoe.fused
+
+    to_device, to_host = backend_io()
+    me = group.rank if ranks > 1 else 0
+    layer = weights(11, 8)
+    handle = xmoe.fused.initialize(group if ranks > 1 else None, HIDDEN, FFN, 8, TOPK, 30, block_m=4)
+    local = slice(me * 8 // ranks, (me + 1) * 8 // ranks)
+    for seed, tokens, w_router in ((1, [30, 30], layer["w_router"]), (2, [13, 0], layer["w_router"]),
+                                   (3, [30, 21], one_expert_router(8))):
+        rng = np.random.default_rng(seed)
+        xs = [np.abs(rng.standard_normal((n, HIDDEN))).astype(BFLOAT16) for n in tokens[:ranks]]
+        y = xmoe.fused.forward(handle, to_device(xs[me]), to_device(w_router), to_device(layer["w_up"][local]),
+                               to_device(layer["w_down"][local]))
+        want = reference.moe(xs, w_router, layer["w_up"], layer["w_down"], TOPK)[me]
+        np.testing.assert_allclose(to_host(y).astype(np.float32), want.astype(np.float32), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="31 tokens, more than the handle's max_tokens=30"):
+        xmoe.fused.forward(handle, to_device(np.ones((31, HIDDEN), BFLOAT16)), to_device(layer["w_router"]),
+                           to_device(layer["w_up"][local]), to_device(layer["w_down"][local]))
+    with pytest.raises(ValueError, match="the handle was made for 64, 8, 32"):
+        xmoe.fused.forward(handle, to_device(np.ones((3, HIDDEN), BFLOAT16)), to_device(layer["w_router"]),
+                           to_device(layer["w_up"][local][:, :FFN]), to_device(layer["w_down"][local][:, :, :FFN // 2]))
+    xmoe.fused.finalize(handle)
 
 
 @pytest.mark.mpi(ranks=2)
@@ -128,16 +171,18 @@ def hf_state(layer: dict, to_device, prefix: str = "mlp.") -> dict:
     return state
 
 
-def check_layer(group, ranks: int) -> None:
-    """MoELayer: its own weights give moe()'s result; weights loaded from a Hugging Face state dict
-    (router transposed, gate and up stacked, shared experts) give the reference layer's."""
+def check_layer(group, ranks: int, fused: bool = False) -> None:
+    """MoELayer: its own weights give moe()'s (fused_moe()'s) result; weights loaded from a Hugging
+    Face state dict (router transposed, gate and up stacked, shared experts) give the reference layer's."""
     import xmoe
 
     to_device, to_host = backend_io()
     me = group.rank if group is not None else 0
-    layer = xmoe.MoELayer(HIDDEN, FFN, 8 * ranks, TOPK, group=group, num_shared_experts=2, shared_ffn=16)
+    layer = xmoe.MoELayer(HIDDEN, FFN, 8 * ranks, TOPK, group=group, num_shared_experts=2, shared_ffn=16,
+                          fused=fused)
     x = np.random.default_rng(7 + me).standard_normal((10, HIDDEN)).astype(BFLOAT16)
-    direct = xmoe.moe(to_device(x), layer.w_router, layer.w_up, layer.w_down, TOPK, group=group, shared=layer.shared)
+    direct = (xmoe.fused_moe if fused else xmoe.moe)(to_device(x), layer.w_router, layer.w_up, layer.w_down, TOPK,
+                                                     group=group, shared=layer.shared)
     np.testing.assert_array_equal(to_host(layer(to_device(x))).view(np.uint16), to_host(direct).view(np.uint16))
     weights_ = weights(5, 8 * ranks, shared_ffn=32)
     layer.load_state_dict(hf_state(weights_, to_device), prefix="mlp.")
@@ -150,10 +195,12 @@ def check_layer(group, ranks: int) -> None:
         layer.load_state_dict({}, prefix="mlp.")
 
 
-def test_moe_layer_world_of_one():
-    check_layer(None, 1)
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_layer_world_of_one(fused):
+    check_layer(None, 1, fused)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.mpi(ranks=2)
-def test_moe_layer_two_ranks(group):
-    check_layer(group, 2)
+def test_moe_layer_two_ranks(group, fused):
+    check_layer(group, 2, fused)

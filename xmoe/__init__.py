@@ -19,6 +19,7 @@ from typing import Any
 from xmoe.config import Config
 from xmoe.event import EventOverlap
 from xmoe.moe import MoELayer, moe  # bound here: the submodule's import would otherwise shadow a lazy name
+from xmoe.fused import fused_moe
 from xmoe.runtime import Group, finalize, get_group, init, is_initialized
 
 __version__ = "0.1.0"
@@ -56,6 +57,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "MoELayer", "dequantize_fp8", "finalize",
+__all__ = ["Buffer", "Config", "DispatchHandle", "EventOverlap", "GemmConfig", "Group", "MoELayer", "dequantize_fp8", "finalize", "fused_moe",
            "get_group", "grouped_gemm", "init", "is_initialized", "moe", "quantize_fp8", "router", "router_logits",
            "select_experts"]

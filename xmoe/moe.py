@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -68,9 +68,57 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
     """
     from xmoe.kernels.router import route
 
+    layer = check_layer(x, w_router, w_up, w_down, top_k, group, shared)
+    x_array, origin, group, num_ranks = layer.x, layer.origin, layer.group, layer.num_ranks
+    (num_tokens, hidden), num_experts, top_k = x_array.shape, layer.num_experts, layer.top_k
+    if origin.framework == "jax" and num_ranks > 1:
+        import jax
+
+        if not jax.config.jax_enable_x64:  # the router's int64 top-k ids would come back as int32
+            raise ValueError("x: JAX arrays across ranks need jax.config.update('jax_enable_x64', True) "
+                             "(dispatch takes int64 top-k ids)")
+    config = _check_config(config)
+    stream = current_stream(origin.framework) if on_gpu() else None
+    with stream or nullcontext():  # CuPy's work on the caller's stream, with the kernels
+        logits, idx, weights, counts = route(x, w_router, top_k, scoring=scoring, bias=bias, n_group=n_group,
+                                             topk_group=topk_group, renormalize=renormalize, scaling=scaling)
+        shared_rows = None if shared is None else start_shared_mlp(x_array, layer.shared, stream)
+        if num_ranks == 1:  # every id the router picks is valid: tokens * k pairs
+            y = expert_rows(x_array, idx, weights, counts, idx.size, layer.w_up, layer.w_down, stream,
+                            extra=shared_rows)
+        else:
+            buffer = layer_buffer(group, num_tokens, hidden, num_experts, top_k)
+            y = _routed_experts(buffer, x, to_origin(idx, origin), to_origin(weights, origin), num_experts,
+                                layer.w_up, layer.w_down, origin, config, stream)
+            if shared_rows is not None:
+                y = sum_pairs(y, xp().arange(num_tokens, dtype=np.int32)[:, None], shared_rows(), stream)
+    y = to_origin(y, origin, "bfloat16")
+    if return_aux:
+        return (y,) + aux_losses(logits, counts, top_k)
+    return y
+
+
+class LayerArguments(NamedTuple):
+    """The arguments of one MoE layer call, checked: backend arrays (bfloat16 as uint16 bits)."""
+
+    x: Any  # [tokens, hidden]
+    origin: Origin  # x's framework and dtype
+    group: runtime.Group | None
+    num_ranks: int
+    num_experts: int
+    top_k: int
+    w_up: Any  # [local experts, 2 * ffn, hidden]
+    w_down: Any  # [local experts, hidden, ffn]
+    shared: tuple[Any, Any] | None  # (up [2 * width, hidden], down [hidden, width])
+
+
+def check_layer(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, group: Any,
+                shared: tuple[Any, Any] | None) -> LayerArguments:
+    """:func:`moe`'s arguments of these names checked (``ValueError`` naming a bad one) and
+    converted; the shapes are those :func:`moe` documents."""
     x_array, origin = as_array(x, "x")
     check_array(x_array, origin, "x", BFLOAT16, (None, None))
-    num_tokens, hidden = x_array.shape
+    hidden = x_array.shape[1]
     group = None if group is None else as_group(group)
     num_ranks = 1 if group is None else group.world_size
     router_array, router_origin = as_array(w_router, "w_router")
@@ -85,31 +133,8 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
     down, down_origin = as_array(w_down, "w_down")
     check_array(down, down_origin, "w_down", BFLOAT16, (local, hidden, ffn), " ([local experts, hidden, ffn])")
     top_k = check_int("top_k", top_k, 1)
-    if origin.framework == "jax" and num_ranks > 1:
-        import jax
-
-        if not jax.config.jax_enable_x64:  # the router's int64 top-k ids would come back as int32
-            raise ValueError("x: JAX arrays across ranks need jax.config.update('jax_enable_x64', True) "
-                             "(dispatch takes int64 top-k ids)")
-    shared_weights = None if shared is None else _shared_weights(shared, hidden)
-    config = _check_config(config)
-    stream = current_stream(origin.framework) if on_gpu() else None
-    with stream or nullcontext():  # CuPy's work on the caller's stream, with the kernels
-        logits, idx, weights, counts = route(x, w_router, top_k, scoring=scoring, bias=bias, n_group=n_group,
-                                             topk_group=topk_group, renormalize=renormalize, scaling=scaling)
-        shared_rows = None if shared is None else _start_shared_mlp(x_array, shared_weights, stream)
-        if num_ranks == 1:  # every id the router picks is valid: tokens * k pairs
-            y = expert_rows(x_array, idx, weights, counts, idx.size, up, down, stream, extra=shared_rows)
-        else:
-            buffer = layer_buffer(group, num_tokens, hidden, num_experts, top_k)
-            y = _routed_experts(buffer, x, to_origin(idx, origin), to_origin(weights, origin), num_experts, up, down,
-                                origin, config, stream)
-            if shared_rows is not None:
-                y = sum_pairs(y, xp().arange(num_tokens, dtype=np.int32)[:, None], shared_rows(), stream)
-    y = to_origin(y, origin, "bfloat16")
-    if return_aux:
-        return (y,) + aux_losses(logits, counts, top_k)
-    return y
+    return LayerArguments(x_array, origin, group, num_ranks, num_experts, top_k, up, down,
+                          None if shared is None else shared_weights(shared, hidden))
 
 
 def _check_config(config: Any) -> Config:
@@ -219,7 +244,7 @@ def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, counts: Any, num_pa
         return sum_pairs(pair_out, pairs.slot, None if extra is None else extra(), stream)
 
 
-def _shared_weights(shared: Any, hidden: int) -> tuple[Any, Any]:
+def shared_weights(shared: Any, hidden: int) -> tuple[Any, Any]:
     """``shared``'s two weights as backend arrays (bfloat16 bits), checked."""
     if not (isinstance(shared, tuple) and len(shared) == 2):
         raise ValueError("shared: expected (w_shared_up [2 * ffn, hidden], w_shared_down [hidden, ffn])")
@@ -237,7 +262,7 @@ def _side_stream(device: int) -> Any:
     return cupy.cuda.Stream(non_blocking=True)
 
 
-def _start_shared_mlp(x: Any, weights: tuple[Any, Any], stream: Any) -> Callable[[], Any]:
+def start_shared_mlp(x: Any, weights: tuple[Any, Any], stream: Any) -> Callable[[], Any]:
     """Start the dense SwiGLU MLP of the shared experts on every token of ``x`` (uint16
     ``[tokens, hidden]``); on the GPU it runs on a second stream, beside the routed experts.
     Returns a function that gives its float32 ``[tokens, hidden]`` result, ordered before the
@@ -306,6 +331,8 @@ class MoELayer:
             the simulator; None: "torch" on the GPU, "numpy" on the simulator).
         seed: of the random initial weights (normal, scaled by 1 / sqrt(fan in)).
         config: as :func:`moe` takes it (``num_chunks`` among others).
+        fused: run the forward as :func:`xmoe.fused_moe` (one kernel for dispatch, experts and
+            combine), with ``capacity_factor`` as it takes it.
         **routing: ``scoring``, ``bias``, ``n_group``, ``topk_group``, ``renormalize``, ``scaling``
             as :func:`moe` takes them.
 
@@ -316,7 +343,8 @@ class MoELayer:
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, group: Any = None,
                  num_shared_experts: int = 0, shared_ffn: int | None = None, framework: str | None = None,
-                 seed: int = 0, config: Config | None = None, **routing: Any) -> None:
+                 seed: int = 0, config: Config | None = None, fused: bool = False,
+                 capacity_factor: float | None = None, **routing: Any) -> None:
         self.group = None if group is None else as_group(group)
         ranks, rank = (1, 0) if self.group is None else (self.group.world_size, self.group.rank)
         self.hidden, self.ffn, self.num_experts, self.top_k = (check_int(name, value, 1) for name, value in (
@@ -327,6 +355,7 @@ class MoELayer:
         self.framework = framework or ("torch" if on_gpu() else "numpy")
         self.routing = routing
         self.config = _check_config(config)
+        self.fused, self.capacity_factor = bool(fused), capacity_factor
         rng = np.random.default_rng(seed)
         local = slice(rank * self.num_local_experts, (rank + 1) * self.num_local_experts)
         self.w_router = self._tensor(rng.standard_normal((hidden, num_experts)) / np.sqrt(hidden))
@@ -347,6 +376,14 @@ class MoELayer:
 
     def forward(self, x: Any, return_aux: bool = False) -> Any:
         """:func:`moe` of this rank's tokens ``x`` (bfloat16 ``[tokens, hidden]``) with the layer's weights."""
+        if self.fused:
+            from xmoe.fused import fused_moe
+
+            if return_aux:
+                raise ValueError("return_aux=True: the fused layer returns no auxiliary losses yet")
+            return fused_moe(x, self.w_router, self.w_up, self.w_down, self.top_k, group=self.group,
+                             shared=self.shared, capacity_factor=self.capacity_factor, config=self.config,
+                             **self.routing)
         return moe(x, self.w_router, self.w_up, self.w_down, self.top_k, group=self.group, shared=self.shared,
                    return_aux=return_aux, config=self.config, **self.routing)
 

@@ -110,14 +110,18 @@ class FusedLayout:
             raise ValueError(f"(expert, tile)=({expert}, {tile}) outside the layout")
         return x.offset + expert * x.strides[0] + tile * self.block_m * x.strides[1]
 
+    def size_message(self, available_bytes: int | None) -> str:
+        """What a rank's part needs, against ``available_bytes`` where known, and what to do."""
+        have = "the heap could not give them" if available_bytes is None else f"{available_bytes} are available"
+        return (f"the fused layer needs {self.nbytes} bytes ({self.nbytes / 2 ** 30:.2f} GiB) of symmetric memory a "
+                f"rank for {self.max_tokens} tokens of hidden {self.hidden} over {self.num_experts} experts "
+                f"({self.capacity} rows a cell), {have}: pass a capacity_factor (rows past it are dropped) or "
+                f"fewer tokens a call")
+
     def check_fits(self, available_bytes: int) -> None:
         """``ValueError`` giving the bytes needed unless a rank's part fits in ``available_bytes``."""
         if self.nbytes > available_bytes:
-            raise ValueError(
-                f"the fused layer needs {self.nbytes} bytes ({self.nbytes / 2 ** 30:.2f} GiB) of symmetric memory a "
-                f"rank for {self.max_tokens} tokens of hidden {self.hidden} over {self.num_experts} experts "
-                f"({self.capacity} rows a cell), {available_bytes} are available: pass a capacity_factor "
-                f"(rows past it are dropped) or fewer tokens a call")
+            raise ValueError(self.size_message(available_bytes))
 
 
 def fused_layout(num_ranks: int, num_experts: int, max_tokens: int, hidden: int, top_k: int, block_m: int,
