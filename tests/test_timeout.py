@@ -67,3 +67,22 @@ def test_missing_rank_in_combine_raises(group):
         with pytest.raises(RuntimeError, match="unusable after an earlier failure"):
             buffer.dispatch(routing.x[0], handle=handle)
     buffer.destroy()
+
+
+@pytest.mark.mpi(ranks=2)
+def test_missing_rank_in_fused_moe_raises(group):
+    """A rank that never runs the fused forward: the others' waits for its tiles end in a
+    RuntimeError naming it, after one timeout, not one a tile."""
+    import xmoe
+    import xmoe.fused
+    from xmoe.interop import BFLOAT16
+
+    rng = np.random.default_rng(0)
+    handle = xmoe.fused.initialize(group, 16, 8, 8, 2, 12, config=xmoe.Config(timeout_s=1.0))
+    if group.rank == 0:
+        weights = [rng.standard_normal(shape).astype(BFLOAT16) for shape in ((12, 16), (16, 8), (4, 16, 16), (4, 16, 8))]
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="fused_moe: rank 1 never arrived"):
+            xmoe.fused.forward(handle, *weights)
+        assert time.monotonic() - start < 30
+    xmoe.fused.finalize(handle)

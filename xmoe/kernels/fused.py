@@ -57,8 +57,11 @@ MAX_TOPK = 32
 
 
 @cuda.jit(device=True)
-def wait_flag(flags, index, seq, timeout_ns):
-    """One thread: the flag word ``flags[index]`` once it belongs to call ``seq``; -1 after ``timeout_ns``."""
+def wait_flag(flags, index, seq, timeout_ns, errors):
+    """One thread: the flag word ``flags[index]`` once it belongs to call ``seq``; -1 after
+    ``timeout_ns``, or at once when an error is in the status words (one timeout is enough)."""
+    if errors[0] != 0:
+        return np.int64(-1)
     start = now_ns()
     word = load_fresh(flags, index)
     while (word >> CALL_SHIFT) != seq:
@@ -210,7 +213,7 @@ def fused_kernel(transport: Transport) -> Any:
             tile = 0
             while tile < tiles:
                 if tid == 0:
-                    word[0] = wait_flag(tile_flags, cell * tiles + tile, seq, timeout_ns)
+                    word[0] = wait_flag(tile_flags, cell * tiles + tile, seq, timeout_ns, errors)
                     if word[0] < 0:
                         report_error(errors, ERR_TIMEOUT + src, 0)
                 cuda.syncthreads()
@@ -243,7 +246,7 @@ def fused_kernel(transport: Transport) -> Any:
                     place = position[t, j]
                     if place >= 0 and word[0] == 0:
                         e = topk_idx[t, j]
-                        if wait_flag(result_flags, e * tiles + place // block_m, seq, timeout_ns) < 0:
+                        if wait_flag(result_flags, e * tiles + place // block_m, seq, timeout_ns, errors) < 0:
                             report_error(errors, ERR_TIMEOUT + e // num_local, 0)
                             word[0] = 1
             cuda.syncthreads()
