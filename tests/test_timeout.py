@@ -80,9 +80,22 @@ def test_missing_rank_in_fused_moe_raises(group):
     rng = np.random.default_rng(0)
     handle = xmoe.fused.initialize(group, 16, 8, 8, 2, 12, config=xmoe.Config(timeout_s=1.0))
     if group.rank == 0:
-        weights = [rng.standard_normal(shape).astype(BFLOAT16) for shape in ((12, 16), (16, 8), (4, 16, 16), (4, 16, 8))]
+        shapes = ((12, 16), (16, 8), (4, 16, 16), (4, 16, 8))  # x, w_router, w_up, w_down
+        weights = [rng.standard_normal(shape).astype(BFLOAT16) for shape in shapes]
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="fused_moe: rank 1 never arrived"):
             xmoe.fused.forward(handle, *weights)
         assert time.monotonic() - start < 30
     xmoe.fused.finalize(handle)
+
+
+@pytest.mark.mpi(ranks=2)
+def test_ranks_that_disagree_on_the_fused_layer_raise(group):
+    """The fused layer's layout follows from initialize's arguments: ranks that differ raise at
+    once, naming the argument, before anything is written into a peer."""
+    import xmoe.fused
+
+    with pytest.raises(ValueError, match=r"hidden: the ranks disagree \(rank 0: 16, rank 1: 24\)"):
+        xmoe.fused.initialize(group, 16 + 8 * group.rank, 8, 8, 2, 12)
+    with pytest.raises(ValueError, match=r"capacity_factor: the ranks disagree \(rank 0: None, rank 1: 1.5\)"):
+        xmoe.fused.initialize(group, 16, 8, 8, 2, 12, capacity_factor=None if group.rank == 0 else 1.5)

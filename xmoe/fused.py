@@ -56,7 +56,8 @@ class FusedHandle:
 
 
 def initialize(group: Any, hidden: int, ffn: int, num_experts: int, top_k: int, max_tokens: int, *,
-               capacity_factor: float | None = None, block_m: int = BLOCK_M, config: Config | None = None) -> FusedHandle:
+               capacity_factor: float | None = None, block_m: int = BLOCK_M,
+               config: Config | None = None) -> FusedHandle:
     """Allocate the symmetric memory of a fused layer (collective: every rank calls it alike).
 
     Args:
@@ -83,12 +84,25 @@ def initialize(group: Any, hidden: int, ffn: int, num_experts: int, top_k: int, 
         check_config(config)
     config = (config or Config()).resolved(group.backend)
     layout = fused_layout(group.world_size, num_experts, max_tokens, hidden, top_k, block_m, capacity_factor)
+    _check_ranks_agree(group, dict(hidden=hidden, ffn=ffn, num_experts=num_experts, top_k=top_k,
+                                   max_tokens=max_tokens, block_m=block_m, capacity_factor=capacity_factor))
     try:
         block = get_heap(group).alloc(layout.nbytes)
     except (MemoryError, RuntimeError) as error:  # the heap's own message names no layer shape
         raise ValueError(layout.size_message(None)) from error
     state = BufferState(group.rank, group.world_size, block)
     return FusedHandle(group, hidden, ffn, num_experts, top_k, layout, state, _views(layout, state), config)
+
+
+def _check_ranks_agree(group: runtime.Group, shape: dict[str, Any]) -> None:
+    """``ValueError`` naming the first argument on which the ranks differ: the layout, and so where
+    every rank writes into its peers, follows from them (no later call compares them)."""
+    every = group.allgather(tuple(shape.values()))
+    for i, name in enumerate(shape):
+        values = [ranks_shape[i] for ranks_shape in every]
+        if len(set(values)) > 1:
+            each = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise ValueError(f"{name}: the ranks disagree ({each}); every rank must initialize the fused layer alike")
 
 
 def _views(layout: FusedLayout, state: Any) -> dict[str, Any]:

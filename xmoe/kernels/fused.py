@@ -229,7 +229,8 @@ def fused_kernel(transport: Transport) -> Any:
                 flush()
                 cuda.syncthreads()
                 if tid == 0 and rows > 0:
-                    signal(peers, result_flags, src, expert * tiles + tile, device_flag_word(np.int64(seq), rows, (flag & LAST_BIT) != 0))
+                    signal(peers, result_flags, src, expert * tiles + tile,
+                           device_flag_word(np.int64(seq), rows, (flag & LAST_BIT) != 0))
                 if flag & LAST_BIT:
                     break
                 tile += 1

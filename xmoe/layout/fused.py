@@ -26,8 +26,9 @@ has read the tile, and flags carry the call's number.
 Capacity: without a capacity factor a cell holds every token of a rank (a token goes to an
 expert once), so no token is dropped; that is ``4 E max_tokens H`` bytes a rank (4.3 GB at
 Qwen3-30B-A3B's 128 experts, hidden 2048, 4096 tokens; 30 GB at DeepSeek-V3's 256 and 7168),
-which :meth:`FusedLayout.check_fits` reports against the heap. With ``capacity_factor`` f a cell holds ``f * max_tokens * k / E`` rows
-(rounded up to whole tiles) and the rows past it are dropped. All functions here are pure.
+which :meth:`FusedLayout.check_fits` reports against the heap. With ``capacity_factor`` f a
+cell holds ``f * max_tokens * k / E`` rows (rounded up to whole tiles) and the rows past it are
+dropped. All functions here are pure.
 """
 
 from __future__ import annotations
