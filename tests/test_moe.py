@@ -1,6 +1,7 @@
 """xmoe.moe and xmoe.fused_moe (the same contract, one kernel) against the NumPy layer: a world
 of one, 2 and 4 ranks with ragged token counts, shared experts, a rank with no tokens; the
-fused layer also with tiles of a few rows, every token to one expert, and MoELayer(fused=True)."""
+fused layer also on 8 ranks, with tiles of a few rows, every token to one expert, and
+MoELayer(fused=True)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,12 @@ def test_moe_across_ranks(group, ranks, function):
     """Each rank its own token count (one rank none), its own experts; shared experts on top."""
     run(group, [9 + 5 * r for r in range(ranks)], 4 * ranks, function=function)
     run(group, [0] + [11] * (ranks - 1), 4 * ranks, shared_ffn=16, seed=2, function=function)
+
+
+@pytest.mark.mpi(ranks=8)
+def test_fused_moe_on_eight_ranks(group):
+    """The fused layer on 8 ranks, one expert each (a rank without tokens among them)."""
+    run(group, [4, 0, 3, 5, 2, 6, 1, 4], 8, function="fused_moe")
 
 
 def one_expert_router(num_experts: int) -> np.ndarray:
