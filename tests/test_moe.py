@@ -1,7 +1,7 @@
 """xmoe.moe and xmoe.fused_moe (the same contract, one kernel) against the NumPy layer: a world
 of one, 2 and 4 ranks with ragged token counts, shared experts, a rank with no tokens; the
-fused layer also on 8 ranks, with tiles of a few rows, every token to one expert, and
-MoELayer(fused=True)."""
+fused layer also on 8 ranks, with tiles of a few rows, every token to one expert, a capacity
+factor that drops rows, and MoELayer(fused=True)."""
 
 from __future__ import annotations
 
@@ -176,6 +176,26 @@ def hf_state(layer: dict, to_device, prefix: str = "mlp.") -> dict:
         state[prefix + "shared_experts.up_proj.weight"] = to_device(np.ascontiguousarray(layer["shared"][0][width:]))
         state[prefix + "shared_experts.down_proj.weight"] = to_device(layer["shared"][1])
     return state
+
+
+def test_fused_capacity_factor_drops_rows_past_the_capacity():
+    """Every token to expert 0, top-1, a cell of 4 rows (capacity_factor 1: 10 tokens / 8 experts,
+    rounded up to a tile): 4 tokens get the reference output, the other 6 are dropped (zero)."""
+    import xmoe.fused
+
+    to_device, to_host = backend_io()
+    layer = weights(12, 8)
+    handle = xmoe.fused.initialize(None, HIDDEN, FFN, 8, 1, 10, block_m=4, capacity_factor=1.0)
+    assert handle.layout.capacity == 4
+    x = np.abs(np.random.default_rng(13).standard_normal((10, HIDDEN))).astype(BFLOAT16)
+    w_router = one_expert_router(8)
+    y = to_host(xmoe.fused.forward(handle, to_device(x), to_device(w_router), to_device(layer["w_up"]),
+                                   to_device(layer["w_down"]))).astype(np.float32)
+    want = reference.moe([x], w_router, layer["w_up"], layer["w_down"], 1)[0].astype(np.float32)
+    kept = np.abs(y).max(axis=1) > 0
+    assert kept.sum() == 4 and (y[~kept] == 0).all()
+    np.testing.assert_allclose(y[kept], want[kept], rtol=2e-2, atol=2e-2)
+    xmoe.fused.finalize(handle)
 
 
 def check_layer(group, ranks: int, fused: bool = False) -> None:
