@@ -147,6 +147,7 @@ def test_a_hung_test_is_reported_and_the_rest_still_run(tmp_path):
     assert jobs["f"] != jobs["d"]  # f ran in a job after the hung one was killed
 
 
+@pytest.mark.sim  # five jobs: on a GPU machine each starts NVSHMEM (tens of seconds); the logic is the launcher's alike
 def test_each_test_its_own_job_with_batching_off(tmp_path):
     env = dict(os.environ, JOBS_FILE=str(tmp_path / "jobs"), XMOE_TEST_BATCH="0")
     run_pytest(tmp_path, SHARED_JOBS, env)
