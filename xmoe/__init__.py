@@ -18,7 +18,8 @@ from typing import Any
 
 from xmoe.config import Config
 from xmoe.event import EventOverlap
-from xmoe.moe import MoELayer, moe  # bound here: the submodule's import would otherwise shadow a lazy name
+from xmoe.layer import MoELayer
+from xmoe.moe import moe  # bound here: the submodule's import would otherwise shadow a lazy name
 from xmoe.fused import fused_moe
 from xmoe.runtime import Group, finalize, get_group, init, is_initialized
 
