@@ -37,6 +37,19 @@ def current_device() -> Device:
     return device(cupy.cuda.runtime.getDevice())
 
 
+#: Warps a block of the kernels that give each row a warp (the router's selection, the pair layout).
+WARPS_PER_BLOCK = 8
+#: Blocks an SM of those kernels at most: they loop over their rows.
+BLOCKS_PER_SM = 8
+
+
+def warp_per_row_launch(num_rows: int) -> tuple[tuple[int], tuple[int]]:
+    """``(grid, block)`` of a kernel whose warps take rows in a grid-stride loop: enough blocks for
+    a warp a row, at most :data:`BLOCKS_PER_SM` an SM, at least one."""
+    blocks = min(-(-num_rows // WARPS_PER_BLOCK), BLOCKS_PER_SM * current_device().multiprocessors)
+    return (max(1, blocks),), (32 * WARPS_PER_BLOCK,)
+
+
 @lru_cache(maxsize=None)
 def compile_kernel(code: str, entry: str, arch: str) -> Any:
     """The CuPy ``RawKernel`` ``entry`` of ``code`` built for ``arch`` (e.g. "sm_90a"), allowed

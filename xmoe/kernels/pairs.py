@@ -21,10 +21,8 @@ import numpy as np
 from xmoe import reference
 from xmoe.device_memory import on_gpu, xp
 from xmoe.interop import poisoned
+from xmoe.kernels.build import warp_per_row_launch
 from xmoe.kernels.cuda_c import PRELUDE
-
-_WARPS_PER_BLOCK = 8
-_BLOCKS_PER_SM = 8
 
 _SOURCE = r"""
 // Warp 0 of every block: start[g] = pairs of groups before g; block 0 also writes offs[g], the
@@ -162,12 +160,6 @@ def _kernels(top_k: int) -> tuple[Any, Any]:
     return compile_kernel(code, "gather_pairs", arch), compile_kernel(code, "sum_pairs", arch)
 
 
-def _grid(num_rows: int) -> tuple[int]:
-    from xmoe.kernels.build import current_device
-
-    return (max(1, min(-(-num_rows // _WARPS_PER_BLOCK), _BLOCKS_PER_SM * current_device().multiprocessors)),)
-
-
 def gather_pairs(rows: Any, topk_idx: Any, topk_weights: Any, counts: Any, num_pairs: int, stream: Any) -> Pairs:
     """Lay out the (row, expert) pairs of ``rows`` expert by expert.
 
@@ -200,7 +192,7 @@ def gather_pairs(rows: Any, topk_idx: Any, topk_weights: Any, counts: Any, num_p
     cupy.cuda.runtime.memsetAsync(fill.data.ptr, 0, fill.nbytes, stream.ptr)
     gather, _ = _kernels(top_k)
     with stream:
-        gather(_grid(num_rows), (32 * _WARPS_PER_BLOCK,),
+        gather(*warp_per_row_launch(num_rows),
                (rows, topk_idx, topk_weights, counts, fill, pair_rows, pair_weights, slot, row_of, offs,
                 np.int32(num_rows), np.int32(groups), np.int32(hidden // 8)), shared_mem=4 * groups)
     return Pairs(pair_rows, pair_weights, row_of, slot, offs)
@@ -223,7 +215,7 @@ def sum_pairs(pair_out: Any, slot: Any, extra: Any, stream: Any) -> Any:
     out = poisoned(xp().empty((num_rows, hidden), np.uint16))
     _, add = _kernels(top_k)
     with stream:
-        add(_grid(num_rows), (32 * _WARPS_PER_BLOCK,),
+        add(*warp_per_row_launch(num_rows),
             (pair_out, slot, np.uint64(0) if extra is None else extra, out, np.int32(num_rows),
              np.int32(hidden // 8)))  # a 0 of pointer size: no extra
     return out

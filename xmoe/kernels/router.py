@@ -22,8 +22,6 @@ from xmoe.interop import Origin, as_array, new_output, poisoned, to_origin
 from xmoe.kernels.cuda_c import PRELUDE
 
 MAX_EXPERTS = 1024
-_WARPS_PER_BLOCK = 8
-_BLOCKS_PER_SM = 8
 
 
 @dataclass(frozen=True)
@@ -274,11 +272,10 @@ def _select(logits: Any, origin: Origin, num_topk: int, scoring: str, bias: Any,
         stream = stream or current_stream(origin.framework)
         cupy.cuda.runtime.memsetAsync(counts.data.ptr, 0, counts.nbytes, stream.ptr)
         if tokens:
-            from xmoe.kernels.build import current_device
+            from xmoe.kernels.build import warp_per_row_launch
 
-            blocks = min(-(-tokens // _WARPS_PER_BLOCK), _BLOCKS_PER_SM * current_device().multiprocessors)
             with stream:
-                _select_kernel(rule)((blocks,), (32 * _WARPS_PER_BLOCK,),
+                _select_kernel(rule)(*warp_per_row_launch(tokens),
                                      (logits, bias_array if bias_array is not None else logits,
                                       topk_idx, topk_weights, counts, np.int32(tokens), np.float32(scaling)))
     return idx_finish(), weights_finish(), counts_finish()
