@@ -26,12 +26,20 @@ import numpy as np
 
 from xmoe import runtime
 from xmoe.arguments import as_group, check_int
-from xmoe.config import Config, check_config
+from xmoe.config import Config
 from xmoe.device_memory import kernel_view, on_gpu, strided_view, xp
 from xmoe.event import current_stream, stream_pointer
 from xmoe.interop import to_origin
 from xmoe.layout.fused import FusedLayout, fused_layout
-from xmoe.moe import check_layer, start_shared_mlp
+from xmoe.layout.symmetric import contiguous_field
+from xmoe.moe import (
+    LayerArguments,
+    add_to_rows,
+    check_config_for_backend,
+    check_layer,
+    sized_for_tokens,
+    start_shared_mlp,
+)
 
 #: Rows a tile (FlashMoE's and the grouped GEMM's 128).
 BLOCK_M = 128
@@ -51,7 +59,8 @@ class FusedHandle:
     top_k: int
     layout: FusedLayout
     state: Any  # xmoe.ep.state.BufferState of the layout's symmetric block
-    views: dict[str, Any]
+    views: dict[str, Any]  # the layout's fields as the kernel takes them
+    scratch: dict[str, Any]  # the kernel's scratch arrays (``fill`` and ``tile_done`` zeroed each forward)
     config: Config
 
 
@@ -77,12 +86,14 @@ def initialize(group: Any, hidden: int, ffn: int, num_experts: int, top_k: int, 
     from xmoe.ep.state import BufferState
 
     group = runtime.init() if group is None else as_group(group)
+    from xmoe.kernels.fused import MAX_TOPK  # Numba's backend is chosen by now
+
     hidden, ffn, num_experts, top_k, max_tokens = (check_int(name, value, low) for name, value, low in (
         ("hidden", hidden, 8), ("ffn", ffn, 1), ("num_experts", num_experts, 1), ("top_k", top_k, 1),
         ("max_tokens", max_tokens, 0)))
-    if config is not None:
-        check_config(config)
-    config = (config or Config()).resolved(group.backend)
+    if top_k > MAX_TOPK:
+        raise ValueError(f"top_k={top_k}: the fused kernel takes at most {MAX_TOPK}")
+    config = check_config_for_backend(config).resolved(group.backend)
     layout = fused_layout(group.world_size, num_experts, max_tokens, hidden, top_k, block_m, capacity_factor)
     _check_ranks_agree(group, dict(hidden=hidden, ffn=ffn, num_experts=num_experts, top_k=top_k,
                                    max_tokens=max_tokens, block_m=block_m, capacity_factor=capacity_factor))
@@ -91,7 +102,8 @@ def initialize(group: Any, hidden: int, ffn: int, num_experts: int, top_k: int, 
     except (MemoryError, RuntimeError) as error:  # the heap's own message names no layer shape
         raise ValueError(layout.size_message(None)) from error
     state = BufferState(group.rank, group.world_size, block)
-    return FusedHandle(group, hidden, ffn, num_experts, top_k, layout, state, _views(layout, state), config)
+    return FusedHandle(group, hidden, ffn, num_experts, top_k, layout, state, _views(layout, state),
+                       _scratch(layout, ffn), config)
 
 
 def _check_ranks_agree(group: runtime.Group, shape: dict[str, Any]) -> None:
@@ -107,14 +119,12 @@ def _check_ranks_agree(group: runtime.Group, shape: dict[str, Any]) -> None:
 
 def _views(layout: FusedLayout, state: Any) -> dict[str, Any]:
     """This rank's views of the layout's fields as the kernel takes them (see ``kernels/fused.py``)."""
-    fields, cells = layout.fields, layout.num_local_experts * layout.num_ranks
+    cells = layout.num_local_experts * layout.num_ranks
     words, bits = (layout.capacity, layout.hidden // 2), (layout.capacity, layout.hidden)
 
     def view(name: str, dtype: Any, shape: tuple[int, ...]) -> Any:
-        field = fields[name]
-        itemsize = np.dtype(dtype).itemsize
-        strides = tuple(int(np.prod(shape[i + 1:])) * itemsize for i in range(len(shape)))
-        return strided_view(state.block.local, field.offset, shape, np.dtype(dtype), strides)
+        field = contiguous_field(name, layout.fields[name].offset, dtype, shape)
+        return strided_view(state.block.local, field.offset, field.shape, field.dtype, field.strides)
 
     return dict(tile_flags=view("tile_flags", np.int64, (cells * layout.tiles,)),
                 result_flags=view("result_flags", np.int64, (layout.num_experts * layout.tiles,)),
@@ -124,18 +134,35 @@ def _views(layout: FusedLayout, state: Any) -> dict[str, Any]:
                 combine_bits=view("combine_x", np.uint16, (layout.num_experts,) + bits))
 
 
+def _scratch(layout: FusedLayout, ffn: int) -> dict[str, Any]:
+    """The kernel's scratch (``kernels/fused.py``), made once: per cell a row's products, per rank
+    the packing counters, per token slot its row in the cell."""
+    xpm, cells = xp(), layout.num_local_experts * layout.num_ranks
+    return dict(fill=xpm.zeros(layout.num_experts, np.int32),
+                tile_done=xpm.zeros((layout.num_experts, layout.tiles), np.int32),
+                position=xpm.empty((layout.max_tokens, layout.top_k), np.int32),
+                gate_up=xpm.empty((cells, 2 * ffn), np.float32), hidden_act=xpm.empty((cells, ffn), np.float32),
+                result_row=xpm.empty((cells, layout.hidden // 2), np.uint32))
+
+
 def forward(handle: FusedHandle, x: Any, w_router: Any, w_up: Any, w_down: Any, *, scoring: str = "softmax",
             bias: Any = None, n_group: int | None = None, topk_group: int | None = None, renormalize: bool = True,
             scaling: float = 1.0, shared: tuple[Any, Any] | None = None) -> Any:
     """One forward of the layer ``handle`` was made for: the arguments and result of
     :func:`xmoe.moe` (``x`` at most the handle's ``max_tokens`` rows)."""
+    layer = check_layer(x, w_router, w_up, w_down, handle.top_k, handle.group, shared)
+    return _forward(handle, layer, x, w_router, dict(scoring=scoring, bias=bias, n_group=n_group,
+                                                     topk_group=topk_group, renormalize=renormalize, scaling=scaling))
+
+
+def _forward(handle: FusedHandle, layer: LayerArguments, x: Any, w_router: Any, routing: dict[str, Any]) -> Any:
+    """:func:`forward` of checked arguments (``x`` and ``w_router`` also as the caller passed them,
+    for the router; ``routing``: its keywords)."""
     from xmoe.comm.device import transport
-    from xmoe.kernels.fused import MAX_TOPK, fused_kernel
+    from xmoe.kernels.fused import fused_kernel
     from xmoe.kernels.launch import launch
-    from xmoe.kernels.pairs import sum_pairs
     from xmoe.kernels.router import route
 
-    layer = check_layer(x, w_router, w_up, w_down, handle.top_k, handle.group, shared)
     tokens, hidden = layer.x.shape
     layout, state = handle.layout, handle.state
     if (hidden, layer.num_experts, layer.w_down.shape[2]) != (handle.hidden, handle.num_experts, handle.ffn):
@@ -144,26 +171,20 @@ def forward(handle: FusedHandle, x: Any, w_router: Any, w_up: Any, w_down: Any, 
                          f"{handle.ffn}")
     if tokens > layout.max_tokens:
         raise ValueError(f"x: {tokens} tokens, more than the handle's max_tokens={layout.max_tokens}")
-    if handle.top_k > MAX_TOPK:
-        raise ValueError(f"top_k={handle.top_k}: the fused kernel takes at most {MAX_TOPK}")
     state.check_usable()
     stream = current_stream(layer.origin.framework) if on_gpu() else None
-    xpm = xp()
     with stream or nullcontext():
-        _, idx, weights, counts = route(x, w_router, handle.top_k, scoring=scoring, bias=bias, n_group=n_group,
-                                        topk_group=topk_group, renormalize=renormalize, scaling=scaling)
-        shared_rows = None if shared is None else start_shared_mlp(layer.x, layer.shared, stream)
-        cells, ffn = layout.num_local_experts * layout.num_ranks, handle.ffn
-        out = xpm.empty((tokens, hidden // 2), np.uint32)
+        _, idx, weights, counts = route(x, w_router, handle.top_k, **routing)
+        shared_rows = None if layer.shared is None else start_shared_mlp(layer.x, layer.shared, stream)
+        scratch = handle.scratch
+        scratch["fill"].fill(0)
+        scratch["tile_done"].fill(0)
+        out = xp().empty((tokens, hidden // 2), np.uint32)
         args = dict(x=layer.x.view(np.uint32), topk_idx=idx, topk_weights=weights, counts=counts,
-                    w_up=layer.w_up, w_down=layer.w_down, out=out,
-                    fill=xpm.zeros(handle.num_experts, np.int32),
-                    tile_done=xpm.zeros((handle.num_experts, layout.tiles), np.int32),
-                    position=xpm.empty((tokens, handle.top_k), np.int32),
-                    gate_up=xpm.empty((cells, 2 * ffn), np.float32), hidden_act=xpm.empty((cells, ffn), np.float32),
-                    result_row=xpm.empty((cells, hidden // 2), np.uint32), block_m=layout.block_m,
+                    w_up=layer.w_up, w_down=layer.w_down, out=out, block_m=layout.block_m,
                     peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
-                    timeout_ns=handle.config.timeout_ns, errors=state.status.errors) | handle.views
+                    timeout_ns=handle.config.timeout_ns, errors=state.status.errors) | scratch | handle.views
+        args["position"] = scratch["position"][:tokens]
         state.begin("fused_moe", (), handle.config.timeout_s)
         launch(fused_kernel(transport(handle.config.force_put)), handle.config.num_sms, handle.config.num_threads,
                stream_pointer(layer.origin.framework) if on_gpu() else 0, spins=True,
@@ -171,7 +192,7 @@ def forward(handle: FusedHandle, x: Any, w_router: Any, w_up: Any, w_down: Any, 
         state.raise_on_error()
         y = out.view(np.uint16)
         if shared_rows is not None:
-            y = sum_pairs(y, xpm.arange(tokens, dtype=np.int32)[:, None], shared_rows(), stream)
+            y = add_to_rows(y, shared_rows(), stream)
     return to_origin(y, layer.origin, "bfloat16")
 
 
@@ -190,13 +211,12 @@ def fused_moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, grou
     layer = check_layer(x, w_router, w_up, w_down, top_k, group, shared)
     group = layer.group or runtime.init()
     hidden, ffn = layer.x.shape[1], layer.w_down.shape[2]
-    most = max(group.allgather(layer.x.shape[0]))
+
+    def make(most: int) -> FusedHandle:
+        return initialize(group, hidden, ffn, layer.num_experts, layer.top_k, most, capacity_factor=capacity_factor,
+                          config=config)
+
     key = (id(group), hidden, ffn, layer.num_experts, layer.top_k, capacity_factor, config)
-    held = _HANDLES.get(key)
-    if held is None or held[0] < most:
-        if held is not None:
-            finalize(held[1])
-        held = _HANDLES[key] = (most, initialize(group, hidden, ffn, layer.num_experts, layer.top_k, most,
-                                                 capacity_factor=capacity_factor, config=config))
-    return forward(held[1], x, w_router, w_up, w_down, scoring=scoring, bias=bias, n_group=n_group,
-                   topk_group=topk_group, renormalize=renormalize, scaling=scaling, shared=shared)
+    handle = sized_for_tokens(_HANDLES, key, group, layer.x.shape[0], make, finalize)
+    return _forward(handle, layer, x, w_router, dict(scoring=scoring, bias=bias, n_group=n_group,
+                                                     topk_group=topk_group, renormalize=renormalize, scaling=scaling))

@@ -91,7 +91,7 @@ def moe(x: Any, w_router: Any, w_up: Any, w_down: Any, top_k: int, *, group: Any
             y = _routed_experts(buffer, x, to_origin(idx, origin), to_origin(weights, origin), num_experts,
                                 layer.w_up, layer.w_down, origin, config, stream)
             if shared_rows is not None:
-                y = sum_pairs(y, xp().arange(num_tokens, dtype=np.int32)[:, None], shared_rows(), stream)
+                y = add_to_rows(y, shared_rows(), stream)
     y = to_origin(y, origin, "bfloat16")
     if return_aux:
         return (y,) + aux_losses(logits, counts, top_k)
@@ -245,6 +245,13 @@ def expert_rows(rows: Any, topk_idx: Any, topk_weights: Any, counts: Any, num_pa
         return sum_pairs(pair_out, pairs.slot, None if extra is None else extra(), stream)
 
 
+def add_to_rows(rows: Any, extra: Any, stream: Any) -> Any:
+    """uint16 (bfloat16 bits) ``rows + extra``, summed in float32 and rounded once (``rows``
+    bfloat16 bits ``[n, hidden]``, ``extra`` float32 ``[n, hidden]``; one pair a row for
+    :func:`~xmoe.kernels.pairs.sum_pairs`)."""
+    return sum_pairs(rows, xp().arange(rows.shape[0], dtype=np.int32)[:, None], extra, stream)
+
+
 def shared_weights(shared: Any, hidden: int) -> tuple[Any, Any]:
     """``shared``'s two weights as backend arrays (bfloat16 bits), checked."""
     if not (isinstance(shared, tuple) and len(shared) == 2):
@@ -303,17 +310,26 @@ def _dense_swiglu(x: Any, up: Any, down: Any, stream: Any) -> Any:
     return out
 
 
-def layer_buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:
-    """A Buffer of ``group`` that holds this call (collective: the largest token count of any rank
-    sizes it, and every rank makes a new one when that outgrows the last)."""
-    from xmoe.buffer import Buffer
-
+def sized_for_tokens(cache: dict[tuple, tuple[int, Any]], key: tuple, group: runtime.Group, num_tokens: int,
+                     make: Callable[[int], Any], release: Callable[[Any], None]) -> Any:
+    """The object ``cache`` holds under ``key`` for calls of up to its token count (collective: the
+    largest ``num_tokens`` of any rank sizes it; every rank releases it and makes a new one,
+    ``make(tokens)``, when a call outgrows it)."""
     most = max(group.allgather(num_tokens))
-    key = (id(group), hidden, num_experts, top_k)
-    held = _BUFFERS.get(key)
+    held = cache.get(key)
     if held is None or held[0] < most:
         if held is not None:
-            held[1].destroy()
-        size = Buffer.get_nvl_size_hint(most, hidden, group.world_size, num_experts, top_k)
-        held = _BUFFERS[key] = (most, Buffer(group, size))
+            release(held[1])
+        held = cache[key] = (most, make(most))
     return held[1]
+
+
+def layer_buffer(group: runtime.Group, num_tokens: int, hidden: int, num_experts: int, top_k: int) -> Any:
+    """A Buffer of ``group`` that holds this call (:func:`sized_for_tokens`)."""
+    from xmoe.buffer import Buffer
+
+    def make(most: int) -> Any:
+        return Buffer(group, Buffer.get_nvl_size_hint(most, hidden, group.world_size, num_experts, top_k))
+
+    return sized_for_tokens(_BUFFERS, (id(group), hidden, num_experts, top_k), group, num_tokens, make,
+                            lambda buffer: buffer.destroy())

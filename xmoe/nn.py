@@ -47,9 +47,9 @@ def _pairs(rows: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tenso
     arrays = gather_pairs(*(as_array(t, name)[0] for t, name in ((rows, "rows"), (topk_idx, "topk_idx"),
                                                                 (topk_weights, "topk_weights"), (counts, "counts"))),
                           num_pairs, current_stream("torch") if on_gpu() else None)
-    torch_tensor = Origin("torch", "float32")
+    as_torch = Origin("torch", "float32")  # the dtype is the array's own: no bits to reinterpret
     return Pairs(to_origin(arrays.rows, Origin("torch", "bfloat16"), "bfloat16"),
-                 *(to_origin(a, torch_tensor) for a in arrays[1:]))
+                 *(to_origin(a, as_torch) for a in arrays[1:]))
 
 
 def _sum_pairs(pair_out: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
