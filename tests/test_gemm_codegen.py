@@ -91,3 +91,11 @@ def test_candidates_fit_shared_memory():
     for variant in VARIANTS:
         for config in candidates(variant, 90):
             assert kernel_source(config, variant).smem_bytes(1023) <= wgmma.SMEM_LIMIT
+
+
+@needs_compiler
+@pytest.mark.parametrize("scope", ["gpu", "sys"])
+def test_low_latency_kernels_build(scope, tmp_path):
+    from xmoe.kernels.low_latency_cuda import source
+
+    _assert_no_spills(_build(source(scope), "sm_90", tmp_path), f"low-latency dispatch and combine, {scope} scope")

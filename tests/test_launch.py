@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from xmoe.device_memory import DeviceArray
 from xmoe.kernels.launch import pack
@@ -39,3 +40,23 @@ def test_prepared_launch_refuses_another_signature(monkeypatch):
     monkeypatch.setattr(launch, "SIMULATOR", False)
     with pytest.raises(TypeError, match="x: prepared for arrays of"):
         prepared(0, x=view((2, 100, 0), (4000, 0, 4)))
+
+
+def test_param_struct_declares_once():
+    """A generated kernel's parameter struct: the C declaration and the host's offsets come from one
+    tuple, every field 8 bytes; a field of another size is refused; the low-latency structs name
+    every field once."""
+    from xmoe.kernels.low_latency_cuda import COMBINE, DISPATCH
+    from xmoe.kernels.raw_launch import ParamStruct, field_value
+
+    params = ParamStruct("P", (("long long", "count"), ("const float*", "x"), ("int*", "out")))
+    assert params.source() == "struct P {\n  long long count;\n  const float* x;\n  int* out;\n};\n"
+    assert params.offsets() == {"count": 0, "x": 8, "out": 16} and params.pointer_fields() == {"x", "out"}
+    with pytest.raises(TypeError, match="P.n: int is not 8 bytes"):
+        ParamStruct("P", (("int", "n"),))
+    assert field_value(None, True) == 0 and field_value(np.int64(7), False) == 7
+    array = np.zeros(4, np.float32)
+    assert field_value(array, True) == array.ctypes.data
+    for struct in (DISPATCH, COMBINE):
+        names = [name for _, name in struct.fields]
+        assert len(names) == len(set(names))

@@ -18,12 +18,13 @@ import numpy as np
 from xmoe.arguments import check_array, check_int
 from xmoe.comm.device import transport
 from xmoe.config import Config
-from xmoe.device_memory import DeviceArray, empty, kernel_view, strided_view, xp
+from xmoe.device_memory import DeviceArray, data_pointer, empty, kernel_view, on_gpu, strided_view, xp
 from xmoe.ep.handle import LowLatencyHandle
 from xmoe.ep.state import BufferState
 from xmoe.event import stream_pointer
 from xmoe.interop import BFLOAT16, as_array, new_output, to_origin
-from xmoe.kernels.launch import Prepared
+from xmoe.kernels import low_latency_cuda
+from xmoe.kernels.launch import Prepared, spinning_blocks
 from xmoe.kernels.low_latency import (
     LL_COMBINE_FIELDS,
     LL_DISPATCH_FIELDS,
@@ -33,6 +34,7 @@ from xmoe.kernels.low_latency import (
     ll_dispatch_kernel,
 )
 from xmoe.layout.low_latency import LowLatencyLayout, low_latency_layout
+from xmoe.kernels.raw_launch import RawLaunch
 from xmoe.layout.symmetric import CALL_CODES, DTYPE_CODES, FP8_GROUP, Field
 
 #: Channels per packed UE8M0 word: four one-byte exponents of 128 channels each.
@@ -45,6 +47,19 @@ def words32(array: Any) -> Any:
     if type(array) is DeviceArray:
         return DeviceArray(array.ptr, shape, np.dtype(np.uint32), array.owner)
     return array.view(np.uint32).reshape(shape)
+
+
+def runs_cuda_c(config: Config, num_ranks: int, num_experts: int, *arrays: Any) -> bool:
+    """Whether a call runs the generated CUDA C kernels (``kernels/low_latency_cuda.py``): on a GPU
+    with FP8 conversions (sm_89 on), through stores (the put path stays Numba's), within the
+    kernels' shared-memory counts, with 16-byte aligned rows; else the Numba kernels."""
+    if not on_gpu() or config.force_put:
+        return False
+    from xmoe.kernels.build import current_device
+
+    return (current_device().compute_capability >= 89 and num_experts <= low_latency_cuda.MAX_EXPERTS
+            and num_ranks <= low_latency_cuda.MAX_RANKS
+            and all(data_pointer(a) % 16 == 0 and (type(a) is not DeviceArray or a.c_contiguous) for a in arrays))
 
 
 class LowLatencyMode:
@@ -105,6 +120,34 @@ class LowLatencyMode:
         return dict(peers=state.peer_offsets, rank=state.rank, calls=state.calls, work=state.work,
                     pending=self.pending, timeout_ns=config.timeout_ns, errors=state.status.errors,
                     call_shape=state.call_shape(meta)) | {name: views[name] for name in names}
+
+    def _control(self, layout: LowLatencyLayout, views: dict[str, Any], kind: str, slots: str, meta: tuple[int, ...],
+                 config: Config, phases: int) -> dict[str, Any]:
+        """The fields both CUDA C kernels share (``kernels/low_latency_cuda.py``), for ``kind``
+        ("dispatch" or "combine") whose rows land in field ``slots``."""
+        state, fields = self.state, layout.fields
+        return dict(phases=phases, rank=state.rank, num_ranks=state.num_ranks, num_experts=layout.num_experts,
+                    hidden=layout.hidden, max_tokens=layout.num_max_tokens, peers=state.peer_offsets,
+                    calls=state.calls, pending=self.pending, call_shape=state.call_shape(meta), work=state.work,
+                    timeout_ns=config.timeout_ns, errors=state.status.errors, signals=views[f"{kind}_signals"],
+                    meta=views[f"{kind}_meta"], meta_length=fields[f"{kind}_meta"].shape[-1],
+                    control_half_bytes=fields[f"{kind}_signals"].strides[0],
+                    data_half_bytes=fields[slots].strides[0], slot_bytes=fields[slots].strides[-2], slots=views[slots])
+
+    def _raw(self, kernel: str, params: Any, fixed: dict[str, Any], args: dict[str, Any], layout: LowLatencyLayout,
+             phases: int) -> RawLaunch:
+        """A CUDA C launch of ``kernel``: a warp per (token, k) entry and a block per local expert,
+        as many blocks as may spin at once (every block sends before it waits); GPU-scope
+        synchronisation when every peer shares this GPU, system scope otherwise."""
+        from xmoe import runtime
+
+        scope = "gpu" if runtime.get_group().ranks_on_device == self.state.num_ranks else "sys"
+        function = low_latency_cuda.function(kernel, scope)
+        local = layout.num_experts // self.state.num_ranks
+        entries = layout.num_max_tokens * max(int(fixed.get("num_topk", 1)), 1)
+        wanted = max(local, -(-entries // (low_latency_cuda.THREADS // 32)), 1)
+        blocks = min(wanted, spinning_blocks(function, low_latency_cuda.THREADS)) if phases & RECEIVE else wanted
+        return RawLaunch(function, params, blocks, low_latency_cuda.THREADS, fixed | args, tuple(args))
 
     def _run(self, key: tuple, build: Callable[[int], Callable[[], Prepared]], args: dict[str, Any], stream: int,
              framework: str, return_recv_hook: bool) -> Callable[[], None]:
@@ -170,15 +213,31 @@ class LowLatencyMode:
                     recv_packed_scales=recv_packed, recv_count=recv_count, recv_src_info=src_info,
                     recv_layout_range=layout_range, recv_stats=stats_view)
 
-        def build(phases: int) -> Callable[[], Prepared]:
-            def prepared() -> Prepared:
+        cuda_c = runs_cuda_c(config, ranks, num_experts, payload)
+        if cuda_c:
+            args = dict(pending_slot=args["pending_slot"], x=payload, topk_idx=idx, num_tokens=num_tokens,
+                        round_scale=int(round_scale), recv_x=recv_x,
+                        recv_scales=recv_scales if scale_words[0] else None,
+                        recv_packed_scales=recv_packed if scale_words[1] else None, recv_count=recv_count,
+                        recv_src_info=src_info, recv_layout_range=layout_range,
+                        recv_stats=None if stats is None else stats_view)
+
+        def build(phases: int) -> Callable[[], Prepared | RawLaunch]:
+            def prepared() -> Prepared | RawLaunch:
+                if cuda_c:
+                    fixed = self._control(layout, views, "dispatch", "dispatch_x", meta, config, phases)
+                    fixed |= dict(num_topk=idx.shape[1], fp8=int(use_fp8), slot_scales=views["dispatch_scales"],
+                                  slot_src_idx=views["dispatch_src_idx"], counts=views["dispatch_counts"],
+                                  expert_sent=kernel_view(xp().zeros(num_experts, np.int32)))
+                    return self._raw(low_latency_cuda.DISPATCH_KERNEL, low_latency_cuda.DISPATCH, fixed,
+                                     args, layout, phases)
                 fixed = self._fixed(views, LL_DISPATCH_FIELDS, meta, config)
-                fixed |= dict(phases=phases, expert_counts=kernel_view(xp().zeros(num_experts, np.int32)))
+                fixed |= dict(phases=phases, expert_sent=kernel_view(xp().zeros(num_experts, np.int32)))
                 return Prepared(ll_dispatch_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
                                 fixed | args, tuple(args), spins=bool(phases & RECEIVE))
             return prepared
 
-        hook = self._run(("dispatch", id(layout), meta, config), build, args, stream, origin.framework,
+        hook = self._run(("dispatch", id(layout), meta, config, cuda_c), build, args, stream, origin.framework,
                          return_recv_hook)
         if use_fp8:
             scales = packed_out() if use_ue8m0 else scales_out()
@@ -219,14 +278,25 @@ class LowLatencyMode:
         args = dict(pending_slot=self._slot(), x=source, src_info=handle.kernel_src_info,
                     layout_range=handle.kernel_layout_range, topk_idx=idx, topk_weights=weights, out=words32(result))
 
-        def build(phases: int) -> Callable[[], Prepared]:
-            def prepared() -> Prepared:
+        cuda_c = idx.shape[1] <= 32 and runs_cuda_c(config, ranks, num_experts, source, result)  # a lane a top-k slot
+        if cuda_c:
+            args = dict(pending_slot=args["pending_slot"], x=source, src_info=handle.kernel_src_info,
+                        layout_range=handle.kernel_layout_range, topk_idx=idx, topk_weights=weights,
+                        num_tokens=num_tokens, num_topk=idx.shape[1], out=result)
+
+        def build(phases: int) -> Callable[[], Prepared | RawLaunch]:
+            def prepared() -> Prepared | RawLaunch:
+                if cuda_c:
+                    fixed = self._control(layout, views, "combine", "combine_x", meta, config, phases)
+                    fixed |= dict(flags=views["combine_flags"])
+                    return self._raw(low_latency_cuda.COMBINE_KERNEL, low_latency_cuda.COMBINE, fixed,
+                                     args, layout, phases)
                 fixed = self._fixed(views, LL_COMBINE_FIELDS, meta, config)
                 return Prepared(ll_combine_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
                                 fixed | dict(phases=phases) | args, tuple(args), spins=bool(phases & RECEIVE))
             return prepared
 
-        hook = self._run(("combine", id(layout), meta, config), build, args, stream, origin.framework,
+        hook = self._run(("combine", id(layout), meta, config, cuda_c), build, args, stream, origin.framework,
                          return_recv_hook)
         return result_out(), hook
 

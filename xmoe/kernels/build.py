@@ -52,11 +52,13 @@ def warp_per_row_launch(num_rows: int) -> tuple[tuple[int], tuple[int]]:
 
 @lru_cache(maxsize=None)
 def compile_kernel(code: str, entry: str, arch: str) -> Any:
-    """The CuPy ``RawKernel`` ``entry`` of ``code`` built for ``arch`` (e.g. "sm_90a"), allowed
+    """The CuPy ``RawKernel`` ``entry`` (a C or C++ name) of ``code`` built for ``arch`` (e.g. "sm_90a"), allowed
     as much dynamic shared memory as the current device gives a block beside its static one."""
     import cupy
 
-    module = cupy.RawModule(code=code, options=("-std=c++17", f"-arch={arch}"))
+    # a C++ name (with "::") is looked up through NVRTC's name expressions, unmangled names directly
+    names = (entry,) if "::" in entry else None
+    module = cupy.RawModule(code=code, options=("-std=c++17", f"-arch={arch}"), name_expressions=names)
     kernel = module.get_function(entry)
     kernel.max_dynamic_shared_size_bytes = current_device().max_smem_per_block - kernel.shared_size_bytes
     return kernel

@@ -138,7 +138,7 @@ def _ranks_on_device() -> int:
     return runtime.get_group().ranks_on_device if runtime.is_initialized() else 1
 
 
-def _check(result: Any, what: str) -> Any:
+def check_driver(result: Any, what: str) -> Any:
     """The values after ``result``'s error code (a ``cuda.bindings`` call's tuple); RuntimeError on failure."""
     if result[0] != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"{what} failed: {result[0]!r}")
@@ -149,7 +149,7 @@ def _check(result: Any, what: str) -> Any:
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
 
 
-class _Parameters:
+class ParameterBuffer:
     """A kernel's parameter block, passed to the driver whole (``CU_LAUNCH_PARAM_BUFFER_POINTER``):
     Numba's ABI makes every parameter 8 bytes, so the packed bytes are the kernel's parameter
     layout. One buffer cost the driver 2-4 us less per launch than ~350 separate parameter
@@ -228,22 +228,27 @@ class _Compiled:
         self._spinning: dict[int, int] = {}
 
     def spinning_blocks(self, threads: int) -> int:
-        """The most blocks of ``threads`` that this process lets spin on the GPU at once: the
-        occupancy API's blocks per SM times the SMs it may use, divided among the ranks that
-        share the GPU (one rank's spinning blocks must leave room for the blocks another's
-        progress needs). Under MPS with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` the driver
-        reports this process's share of the SMs already."""
+        """:func:`spinning_blocks` of this kernel (remembered per block size)."""
         blocks = self._spinning.get(threads)
         if blocks is None:
-            per_sm = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, 0),
-                            "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-            if per_sm < 1:
-                raise RuntimeError(f"the kernel does not fit {threads} threads a block on this GPU")
-            blocks = per_sm * cuda.get_current_device().MULTIPROCESSOR_COUNT
-            if not os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
-                blocks = max(blocks // _ranks_on_device(), 1)
-            self._spinning[threads] = blocks
+            blocks = self._spinning[threads] = spinning_blocks(self.function, threads)
         return blocks
+
+
+def spinning_blocks(function: Any, threads: int) -> int:
+    """The most blocks of ``threads`` of ``function`` (a ``CUfunction``) that this process lets
+    spin on the GPU at once: the occupancy API's blocks per SM times the SMs it may use,
+    divided among the ranks that share the GPU (one rank's spinning blocks must leave room
+    for the blocks another's progress needs). Under MPS with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``
+    the driver reports this process's share of the SMs already."""
+    per_sm = check_driver(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, threads, 0),
+                          "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+    if per_sm < 1:
+        raise RuntimeError(f"the kernel does not fit {threads} threads a block on this GPU")
+    blocks = per_sm * cuda.get_current_device().MULTIPROCESSOR_COUNT
+    if not os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+        blocks = max(blocks // _ranks_on_device(), 1)
+    return blocks
 
 
 _compiled: dict[tuple, _Compiled] = {}
@@ -309,7 +314,7 @@ class Prepared:
                                                                          _array_signature(arg))
             offset += len(arg_bytes)
         self.function = compiled.function
-        self.parameters = _Parameters(compiled.num_bytes)
+        self.parameters = ParameterBuffer(compiled.num_bytes)
         ctypes.memmove(self.parameters.values_address, b"".join(packed), compiled.num_bytes)
 
     def __call__(self, stream: int, **values: Any) -> None:

@@ -15,7 +15,9 @@ at run time. The block is laid out as::
 - *data* of a half, laid out from the call's shape (M tokens per rank at most, hidden H,
   E experts, L = E / R local): ``dispatch_x`` uint8 ``[L, R, M, row_stride(2 H)]`` (a bf16 or
   FP8 row), ``dispatch_scales`` float32 ``[L, R, M, H / 128]``, ``dispatch_src_idx`` int32
-  ``[L, R, M, 1]``, ``combine_x`` uint8 ``[E, M, row_stride(2 H)]``;
+  ``[L, R, M, 1]``, ``dispatch_counts`` int64 ``[L, R]`` (source ``s``'s count word for a local
+  expert: ``(call << 32) | rows``), ``combine_x`` uint8 ``[E, M, row_stride(2 H)]``,
+  ``combine_flags`` int64 ``[E]`` (the call whose rows of expert ``e`` have all landed);
 - *send fields*, one copy (a call's sends end before the next call's begin, in stream
   order): ``send_x`` uint8 ``[M, H]`` and ``send_scales`` float32 ``[M, H / 128]`` (FP8 rows cast
   before they go out), ``combine_send`` uint8 ``[L, R * M, 2 H]`` (a zero-copy combine's input).
@@ -36,7 +38,7 @@ import numpy as np
 from xmoe.layout.symmetric import FIELD_ALIGNMENT, FP8_GROUP, Field, contiguous_field, meta_length, round_up, row_stride
 
 CONTROL = ("dispatch_signals", "dispatch_meta", "combine_signals", "combine_meta")
-DATA = ("dispatch_x", "dispatch_scales", "dispatch_src_idx", "combine_x")
+DATA = ("dispatch_x", "dispatch_scales", "dispatch_src_idx", "dispatch_counts", "combine_x", "combine_flags")
 SEND = ("send_x", "send_scales", "combine_send")
 
 
@@ -100,7 +102,9 @@ def low_latency_layout(num_max_tokens: int, hidden: int, num_ranks: int, num_exp
     data, data_bytes = _place([("dispatch_x", np.uint8, (local, num_ranks, num_max_tokens, row)),
                                ("dispatch_scales", np.float32, (local, num_ranks, num_max_tokens, groups)),
                                ("dispatch_src_idx", np.int32, (local, num_ranks, num_max_tokens, 1)),
-                               ("combine_x", np.uint8, (num_experts, num_max_tokens, row))], 0)
+                               ("dispatch_counts", np.int64, (local, num_ranks)),
+                               ("combine_x", np.uint8, (num_experts, num_max_tokens, row)),
+                               ("combine_flags", np.int64, (num_experts,))], 0)
     first_data = 2 * control_bytes
     send, end = _place([("send_x", np.uint8, (num_max_tokens, hidden)),
                         ("send_scales", np.float32, (num_max_tokens, groups)),
