@@ -59,11 +59,13 @@ MAX_TOPK = 32
 @cuda.jit(device=True)
 def wait_flag(flags, index, seq, timeout_ns, errors):
     """One thread: the flag word ``flags[index]`` once it belongs to call ``seq``; -1 after
-    ``timeout_ns``, or at once when an error is in the status words (one timeout is enough)."""
-    if errors[0] != 0:
+    ``timeout_ns``, or at once when an error is in the status words (one timeout is enough).
+    The status words are read only when the flag is not there yet: they are mapped host
+    memory, and a read by every waiting block cost ~280 us a launch (``benchmarks/NOTES.md``)."""
+    word = load_fresh(flags, index)
+    if (word >> CALL_SHIFT) != seq and errors[0] != 0:
         return np.int64(-1)
     start = now_ns()
-    word = load_fresh(flags, index)
     while (word >> CALL_SHIFT) != seq:
         if now_ns() - start > timeout_ns:
             return np.int64(-1)
