@@ -11,6 +11,7 @@ launch leaves it for its hook (so at most two calls may have a receive pending).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ from xmoe.device_memory import DeviceArray, data_pointer, empty, kernel_view, on
 from xmoe.ep.handle import LowLatencyHandle
 from xmoe.ep.state import BufferState
 from xmoe.event import stream_pointer
-from xmoe.interop import BFLOAT16, as_array, new_output, to_origin
+from xmoe.interop import BFLOAT16, as_array, new_output, new_outputs, to_origin
 from xmoe.kernels import low_latency_cuda
 from xmoe.kernels.launch import Prepared, spinning_blocks
 from xmoe.kernels.low_latency import (
@@ -53,13 +54,19 @@ def runs_cuda_c(config: Config, num_ranks: int, num_experts: int, *arrays: Any) 
     """Whether a call runs the generated CUDA C kernels (``kernels/low_latency_cuda.py``): on a GPU
     with FP8 conversions (sm_89 on), through stores (the put path stays Numba's), within the
     kernels' shared-memory counts, with 16-byte aligned rows; else the Numba kernels."""
-    if not on_gpu() or config.force_put:
+    return (_cuda_c_fits(config.force_put, num_ranks, num_experts)
+            and all(data_pointer(a) % 16 == 0 and (type(a) is not DeviceArray or a.c_contiguous) for a in arrays))
+
+
+@lru_cache(maxsize=None)
+def _cuda_c_fits(force_put: bool, num_ranks: int, num_experts: int) -> bool:
+    """:func:`runs_cuda_c` but for the arrays' alignment (the same for every call of a shape)."""
+    if not on_gpu() or force_put:
         return False
     from xmoe.kernels.build import current_device
 
     return (current_device().compute_capability >= 89 and num_experts <= low_latency_cuda.MAX_EXPERTS
-            and num_ranks <= low_latency_cuda.MAX_RANKS
-            and all(data_pointer(a) % 16 == 0 and (type(a) is not DeviceArray or a.c_contiguous) for a in arrays))
+            and num_ranks <= low_latency_cuda.MAX_RANKS)
 
 
 class LowLatencyMode:
@@ -197,30 +204,26 @@ class LowLatencyMode:
             stats_view, stats_origin = as_array(stats, "cumulative_local_expert_recv_stats", raw=True)
             check_array(stats_view, stats_origin, "cumulative_local_expert_recv_stats", np.int32, (local,),
                         " (local experts)")
-        recv_x, recv_x_out = new_output((local, rows, hidden), np.uint8 if use_fp8 else np.uint16, origin,
-                                        "float8_e4m3fn" if use_fp8 else "bfloat16", raw=True)
         scale_words = (groups if use_fp8 and not use_ue8m0 else 0, groups // 4 if use_ue8m0 else 0)
-        recv_scales, scales_out = new_output((local, rows, scale_words[0]), np.float32, origin, raw=True)
-        recv_packed, packed_out = new_output((local, rows, scale_words[1]), np.int32, origin, raw=True)
-        recv_count, count_out = new_output((local,), np.int32, origin, raw=True)
-        src_info, src_info_out = new_output((local, rows), np.int32, origin, raw=True)
-        layout_range, layout_range_out = new_output((local, ranks), np.int64, origin, raw=True)
+        outputs, outputs_out = new_outputs(dict(
+            recv_x=((local, rows, hidden), np.uint8 if use_fp8 else np.uint16, "float8_e4m3fn" if use_fp8 else "bfloat16"),
+            recv_scales=((local, rows, scale_words[0]), np.float32, None),
+            recv_packed_scales=((local, rows, scale_words[1]), np.int32, None),
+            recv_count=((local,), np.int32, None), recv_src_info=((local, rows), np.int32, None),
+            recv_layout_range=((local, ranks), np.int64, None)), origin)
         meta = (CALL_CODES["low_latency_dispatch"], DTYPE_CODES["float8_e4m3fn" if use_fp8 else "bfloat16"],
                 2 * hidden, idx.shape[1], local, num_max_tokens)
         state.begin("low_latency_dispatch", meta, config.timeout_s)  # names the call in an error report
-        args = dict(pending_slot=self._slot(), x=words32(payload), x_bits=payload, topk_idx=idx, fp8=int(use_fp8),
-                    round_scale=int(round_scale), recv_x=words32(recv_x), recv_scales=recv_scales,
-                    recv_packed_scales=recv_packed, recv_count=recv_count, recv_src_info=src_info,
-                    recv_layout_range=layout_range, recv_stats=stats_view)
-
         cuda_c = runs_cuda_c(config, ranks, num_experts, payload)
         if cuda_c:
-            args = dict(pending_slot=args["pending_slot"], x=payload, topk_idx=idx, num_tokens=num_tokens,
-                        round_scale=int(round_scale), recv_x=recv_x,
-                        recv_scales=recv_scales if scale_words[0] else None,
-                        recv_packed_scales=recv_packed if scale_words[1] else None, recv_count=recv_count,
-                        recv_src_info=src_info, recv_layout_range=layout_range,
-                        recv_stats=None if stats is None else stats_view)
+            args = dict(pending_slot=self._slot(), x=payload, topk_idx=idx, num_tokens=num_tokens,
+                        round_scale=int(round_scale), recv_stats=None if stats is None else stats_view) | outputs
+            args["recv_scales"] = args["recv_scales"] if scale_words[0] else None
+            args["recv_packed_scales"] = args["recv_packed_scales"] if scale_words[1] else None
+        else:
+            args = dict(pending_slot=self._slot(), x=words32(payload), x_bits=payload, topk_idx=idx, fp8=int(use_fp8),
+                        round_scale=int(round_scale), recv_stats=stats_view) | outputs
+            args["recv_x"] = words32(outputs["recv_x"])
 
         def build(phases: int) -> Callable[[], Prepared | RawLaunch]:
             def prepared() -> Prepared | RawLaunch:
@@ -239,14 +242,11 @@ class LowLatencyMode:
 
         hook = self._run(("dispatch", id(layout), meta, config, cuda_c), build, args, stream, origin.framework,
                          return_recv_hook)
-        if use_fp8:
-            scales = packed_out() if use_ue8m0 else scales_out()
-            received = (recv_x_out(), scales)
-        else:
-            received = recv_x_out()
-        handle = LowLatencyHandle(src_info_out(), layout_range_out(), num_max_tokens, hidden, num_experts,
-                                  src_info, layout_range, origin)
-        return received, count_out(), handle, hook
+        out = outputs_out()
+        received = (out["recv_x"], out["recv_packed_scales" if use_ue8m0 else "recv_scales"]) if use_fp8 else out["recv_x"]
+        handle = LowLatencyHandle(out["recv_src_info"], out["recv_layout_range"], num_max_tokens, hidden, num_experts,
+                                  outputs["recv_src_info"], outputs["recv_layout_range"], origin)
+        return received, out["recv_count"], handle, hook
 
     # ------------------------------------------------------------- combine
     def combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: LowLatencyHandle, zero_copy: bool, out: Any,

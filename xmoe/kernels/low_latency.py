@@ -65,6 +65,9 @@ MAX_THREADS = 1024
 #: The most experts a dispatch counts in shared memory, and ranks a receive keeps counts of there.
 MAX_EXPERTS = 1024
 MAX_RANKS = 64
+#: Words of a receive's running row offsets, one a source and one past the last (a global:
+#: Numba types ``MAX_RANKS + 1`` written inside a kernel as an int64, which ``shared.array`` refuses).
+RANK_BOUNDS = MAX_RANKS + 1
 
 
 @cuda.jit(device=True)
@@ -156,7 +159,7 @@ def ll_dispatch_kernel(transport: Transport) -> Any:
         num_experts = expert_sent.shape[0]
         num_local_experts = num_experts // num_ranks
         sent_to = cuda.shared.array(MAX_EXPERTS, np.int32)  # this rank's entries per expert
-        first = cuda.shared.array(MAX_RANKS + 1, np.int32)
+        first = cuda.shared.array(RANK_BOUNDS, np.int32)
         counter = cuda.shared.array(1, np.int32)
         slot_of = cuda.shared.array(1, np.int32)
         partial = cuda.shared.array(MAX_THREADS, np.float32)

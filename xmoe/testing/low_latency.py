@@ -54,8 +54,9 @@ def check_dispatch(buffer: Any, group: Any, xs: list, idxs: list, num_experts: i
         want = reference.low_latency_dispatch(xs, idxs, num_experts)[me]
         rows = to_host(recv_x)
         assert rows.shape == (local, ranks * MAX_TOKENS, HIDDEN) and rows.dtype == BFLOAT16
-    np.testing.assert_array_equal(to_host(recv_count), want["count"])
-    buffer._low_latency.state.raise_on_error()  # the copy above waited for the kernels
+    count = to_host(recv_count)  # waits for the kernels: a kernel's error (a timeout naming the peer) is in
+    buffer._low_latency.state.raise_on_error()
+    np.testing.assert_array_equal(count, want["count"])
     np.testing.assert_array_equal(to_host(stats), want["count"] + 5)
     np.testing.assert_array_equal(to_host(handle[1]), want["layout_range"])
     src_info = to_host(handle[0])
