@@ -65,20 +65,22 @@ class RawLaunch:
         unknown = [name for name in args if name not in names]
         if missing or unknown:
             raise TypeError(f"{params.name}: missing fields {missing}, unknown fields {unknown}")
-        self._offsets = params.offsets()
-        self._pointers = params.pointer_fields()
+        offsets, pointers = params.offsets(), params.pointer_fields()
         self.per_call = frozenset(per_call)
+        #: name -> (byte offset, whether it holds an address) of each per-call field
+        self._slots = {name: (offsets[name], name in pointers) for name in per_call}
         self.blocks, self.threads = blocks, threads
         self._held = tuple(value for name, value in args.items() if name not in self.per_call)
         self.parameters = ParameterBuffer(8 * len(names))
-        packed = b"".join(_FIELD.pack(field_value(args[name], name in self._pointers)) for name in names)
+        packed = b"".join(_FIELD.pack(field_value(args[name], name in pointers)) for name in names)
         ctypes.memmove(self.parameters.values_address, packed, len(packed))
         self.function = function
 
     def __call__(self, stream: int, **values: Any) -> None:
-        if len(values) != len(self.per_call) or not self.per_call.issuperset(values):
+        if values.keys() != self.per_call:
             raise TypeError(f"this launch takes the per-call fields {sorted(self.per_call)}, got {sorted(values)}")
-        buffer = self.parameters.values
+        buffer, slots = self.parameters.values, self._slots
         for name, value in values.items():
-            _FIELD.pack_into(buffer, self._offsets[name], field_value(value, name in self._pointers))
+            offset, is_pointer = slots[name]
+            _FIELD.pack_into(buffer, offset, field_value(value, is_pointer))
         self.parameters.launch(self.function, self.blocks, self.threads, stream)
