@@ -28,8 +28,8 @@ import numpy as np
 STEPS = (("xmoe.buffer", "as_array"), ("xmoe.ep.normal", "new_output"), ("xmoe.ep.normal", "as_words"))
 #: The same for the low-latency mode.
 LOW_LATENCY_STEPS = (("xmoe.ep.low_latency", "as_array"), ("xmoe.ep.low_latency", "new_output"),
-                     ("xmoe.ep.low_latency", "check_array"), ("xmoe.ep.low_latency", "runs_cuda_c"),
-                     ("xmoe.buffer", "stream_pointer"), ("xmoe.ep.low_latency", "LowLatencyMode.layout"),
+                     ("xmoe.ep.low_latency", "new_outputs"), ("xmoe.ep.low_latency", "aligned_rows"),
+                     ("xmoe.buffer", "stream_pointer"), ("xmoe.ep.low_latency", "CallPlan.launch"),
                      ("xmoe.ep.low_latency", "LowLatencyMode._run"), ("xmoe.ep.state", "BufferState.raise_on_error"),
                      ("xmoe.ep.state", "BufferState.check_usable"), ("xmoe.buffer", "Buffer._config"),
                      ("xmoe.ep.low_latency", "LowLatencyHandle"))

@@ -72,3 +72,26 @@ def test_gpu_low_latency_graph_replays(group, ranks):
         np.testing.assert_allclose(to_host(combined).astype(np.float32), expected.astype(np.float32), rtol=1e-2,
                                    atol=1e-2)
     buffer.destroy()
+
+
+def test_gpu_new_outputs_are_the_arrays_the_kernels_write():
+    """Each PyTorch tensor ``interop.new_outputs`` returns lies where its kernel array does, with
+    its shape and dtype (FP8 and bfloat16 bits included): bytes written through the array read back
+    from the tensor, every element."""
+    import cupy
+    import torch
+
+    from xmoe.interop import Origin, OutputPlan, new_outputs
+
+    specs = dict(rows=((3, 5, 7), np.uint8, "float8_e4m3fn"), bf16=((4, 9), np.uint16, "bfloat16"),
+                 scales=((3, 5, 0), np.float32, None), count=((3,), np.int32, None), ranges=((3, 2), np.int64, None))
+    arrays, tensors = new_outputs(OutputPlan(specs), Origin("torch", "float8_e4m3fn"))
+    out = tensors()
+    rng = np.random.default_rng(3)
+    for name, (shape, dtype, bits) in specs.items():
+        tensor, array = out[name], arrays[name]
+        assert tuple(tensor.shape) == shape and tensor.data_ptr() == array.ptr and tensor.is_contiguous()
+        assert tensor.dtype == (getattr(torch, bits) if bits else getattr(torch, np.dtype(dtype).name))
+        want = rng.integers(0, 120, shape).astype(dtype)  # < 0x78: finite as float8_e4m3fn
+        cupy.asarray(array)[...] = cupy.asarray(want)
+        np.testing.assert_array_equal(tensor.view(torch.uint8).cpu().numpy().view(dtype).reshape(shape), want)

@@ -57,3 +57,25 @@ def test_jax_in_jax_out(group):
                                  num_tokens_per_expert=per_expert)
     assert type(recv_x).__module__.startswith("jax") and recv_x.dtype == jnp.bfloat16
     buffer.destroy()
+
+
+def test_output_plan_places_outputs_apart_and_aligned():
+    """The outputs of one allocation (``interop.new_outputs``): each 256-byte aligned, none
+    overlapping another, all inside it (empty ones too), C-contiguous strides in elements."""
+    from xmoe.interop import OUTPUT_ALIGNMENT, OutputPlan
+
+    rng = np.random.default_rng(5)
+    dtypes = [np.uint8, np.uint16, np.int32, np.float32, np.int64]
+    for _ in range(50):
+        specs = {f"out{i}": (tuple(int(n) for n in rng.integers(0, 7, rng.integers(1, 4))), dtypes[rng.integers(5)],
+                             None) for i in range(int(rng.integers(1, 7)))}
+        plan = OutputPlan(specs)
+        spans = []
+        for name, (first, shape, dtype, _, strides) in plan.places.items():
+            assert first % OUTPUT_ALIGNMENT == 0 and shape == specs[name][0] and dtype == np.dtype(specs[name][1])
+            if all(shape):  # NumPy's strides of an empty array are not C's
+                assert strides == tuple(s // dtype.itemsize for s in np.empty(shape, dtype).strides)
+            spans.append((first, first + int(np.prod(shape)) * dtype.itemsize))
+        spans.sort()
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+        assert spans[-1][1] <= plan.nbytes

@@ -13,6 +13,8 @@ import time
 from functools import lru_cache
 from typing import Any
 
+from xmoe.device_memory import on_gpu
+
 
 def _torch_stream_pointer() -> int:
     """PyTorch's current stream on its current device, as a pointer. ``torch.cuda.current_stream()``
@@ -45,8 +47,6 @@ def current_stream(framework: str) -> Any:
 
 def stream_pointer(framework: str) -> int:
     """The caller's current stream as a pointer (PyTorch's for PyTorch tensors; 0 on the simulator)."""
-    from xmoe.device_memory import on_gpu
-
     if not on_gpu():
         return 0
     return _torch_stream_pointer() if framework == "torch" else current_stream(framework).ptr
