@@ -90,7 +90,8 @@ def test_gpu_new_outputs_are_the_arrays_the_kernels_write():
     rng = np.random.default_rng(3)
     for name, (shape, dtype, bits) in specs.items():
         tensor, array = out[name], arrays[name]
-        assert tuple(tensor.shape) == shape and tensor.data_ptr() == array.ptr and tensor.is_contiguous()
+        assert tuple(tensor.shape) == shape and tensor.is_contiguous()
+        assert tensor.numel() == 0 or tensor.data_ptr() == array.ptr  # PyTorch gives an empty view pointer 0
         assert tensor.dtype == (getattr(torch, bits) if bits else getattr(torch, np.dtype(dtype).name))
         want = rng.integers(0, 120, shape).astype(dtype)  # < 0x78: finite as float8_e4m3fn
         cupy.asarray(array)[...] = cupy.asarray(want)
