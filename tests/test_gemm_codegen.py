@@ -13,6 +13,7 @@ import pytest
 
 from xmoe.kernels.gemm import candidates, kernel_source
 from xmoe.kernels.gemm.spec import GemmVariant
+from xmoe.kernels.expert_grads import expert_grads_source
 from xmoe.kernels.pairs import pairs_source
 from xmoe.kernels.router import RoutingRule, select_source
 
@@ -83,6 +84,11 @@ def test_select_kernel_builds(rule, tmp_path):
 @pytest.mark.parametrize("top_k", [1, 8, 32])
 def test_pairs_kernels_build(top_k, tmp_path):
     _assert_no_spills(_build(pairs_source(top_k), "sm_90", tmp_path), f"pairs, k={top_k}")
+
+
+@needs_compiler
+def test_expert_grads_kernels_build(tmp_path):
+    _assert_no_spills(_build(expert_grads_source(), "sm_90", tmp_path), "expert_grads")
 
 
 def test_candidates_fit_shared_memory():

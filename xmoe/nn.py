@@ -17,7 +17,9 @@ weight ``w``, the forward stores ``w * (h @ W_down^T)`` only (the down GEMM's ro
 epilogue) and sums each row's pairs (``kernels/pairs``). The backward takes one GEMM
 ``g = dY @ W_down`` for both ``dh = w g`` and ``dw = <g, h>`` (so the unweighted output is
 never kept), ``dA = d(gu) @ W_up``; those run as xmoe's grouped GEMMs (the weights read as
-``[groups, K, N]``, ``w_layout="kn"``). The weight gradients ``dW_down = (w dY)^T @ h`` and
+``[groups, K, N]``, ``w_layout="kn"``), and the steps between them as two kernels
+(``kernels/expert_grads``: each pair's rows of ``dY``, plain and weighted; SwiGLU's derivative
+with ``dw``). The weight gradients ``dW_down = (w dY)^T @ h`` and
 ``dW_up = d(gu)^T @ A`` group the reduction dimension (each expert's rows), which xmoe's
 kernels do not do yet: they run as one ``torch._grouped_mm`` each (PyTorch >= 2.9), as
 PyTorch's own grouped-GEMM autograd computes them.
@@ -34,6 +36,7 @@ from xmoe.arguments import as_group, check_int
 from xmoe.device_memory import on_gpu
 from xmoe.event import current_stream
 from xmoe.interop import Origin, as_array, to_origin
+from xmoe.kernels.expert_grads import pair_grads, swiglu_backward
 from xmoe.kernels.gemm import grouped_gemm
 from xmoe.kernels.pairs import Pairs, gather_pairs, sum_pairs
 from xmoe.kernels.router import select_experts
@@ -46,7 +49,7 @@ def _pairs(rows: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tenso
     tensors: the pair rows bfloat16, the rest as ``Pairs`` holds them."""
     arrays = gather_pairs(*(as_array(t, name)[0] for t, name in ((rows, "rows"), (topk_idx, "topk_idx"),
                                                                 (topk_weights, "topk_weights"), (counts, "counts"))),
-                          num_pairs, current_stream("torch") if on_gpu() else None)
+                          num_pairs, _stream())
     as_torch = Origin("torch", "float32")  # the dtype is the array's own: no bits to reinterpret
     return Pairs(to_origin(arrays.rows, Origin("torch", "bfloat16"), "bfloat16"),
                  *(to_origin(a, as_torch) for a in arrays[1:]))
@@ -54,8 +57,7 @@ def _pairs(rows: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tenso
 
 def _sum_pairs(pair_out: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """bfloat16 ``[rows, hidden]``: :func:`xmoe.kernels.pairs.sum_pairs` of bfloat16 ``pair_out``."""
-    summed = sum_pairs(as_array(pair_out, "pair_out")[0], as_array(slot, "slot")[0], None,
-                       current_stream("torch") if on_gpu() else None)
+    summed = sum_pairs(as_array(pair_out, "pair_out")[0], as_array(slot, "slot")[0], None, _stream())
     return to_origin(summed, Origin("torch", "bfloat16"), "bfloat16")
 
 
@@ -64,10 +66,27 @@ def _swiglu(gu: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(gate) * up
 
 
-def _swiglu_backward(gu: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    gate, up = gu.chunk(2, dim=1)
-    sig = torch.sigmoid(gate)
-    return torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=1)
+def _pair_grads(grad: torch.Tensor, row_of: torch.Tensor,
+                pair_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bfloat16 ``(grad[row_of], grad[row_of] * pair_weights[:, None])``:
+    :func:`xmoe.kernels.expert_grads.pair_grads`."""
+    rows, weighted = pair_grads(as_array(grad, "grad")[0], as_array(row_of, "row_of")[0],
+                                as_array(pair_weights, "pair_weights")[0], _stream())
+    return tuple(to_origin(a, Origin("torch", "bfloat16"), "bfloat16") for a in (rows, weighted))
+
+
+def _swiglu_backward(g: torch.Tensor, gu: torch.Tensor, h: torch.Tensor,
+                     pair_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d(gu)`` bfloat16, ``d(pair weights)`` float32): :func:`xmoe.kernels.expert_grads.swiglu_backward`."""
+    grad_gu, grad_weights = swiglu_backward(*(as_array(t, name)[0] for t, name in (
+        (g, "g"), (gu, "gu"), (h, "h"), (pair_weights, "pair_weights"))), _stream())
+    return (to_origin(grad_gu, Origin("torch", "bfloat16"), "bfloat16"),
+            to_origin(grad_weights, Origin("torch", "float32")))
+
+
+def _stream() -> Any:
+    """The CuPy view of PyTorch's current stream (None on the simulator)."""
+    return current_stream("torch") if on_gpu() else None
 
 
 def _per_expert_outer(left: torch.Tensor, right: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -116,15 +135,13 @@ class ExpertsFunction(torch.autograd.Function):
         grad = grad_y.to(torch.bfloat16).contiguous()
         if buffer is not None:  # combine's backward: a dispatch along the forward's routing
             grad, _, _, _, _, _ = buffer.dispatch(grad, handle=handle)
-        grad_pairs = grad[row_of]
+        grad_pairs, weighted_grad_pairs = _pair_grads(grad, row_of, pair_weights)
         # d(w o)/dh = w dY W_down and d(w o)/dw = <dY, h W_down^T> = <dY W_down, h>: one GEMM
         # gives both, so the unweighted expert output o is never stored
         grad_h_unweighted = grouped_gemm(grad_pairs, w_down, offs, w_layout="kn", out_dtype="float32")
-        grad_pair_weights = (grad_h_unweighted * h.float()).sum(dim=1)
-        grad_h = grad_h_unweighted * pair_weights[:, None]
-        grad_gu = _swiglu_backward(gu.float(), grad_h).to(torch.bfloat16)
+        grad_gu, grad_pair_weights = _swiglu_backward(grad_h_unweighted, gu, h, pair_weights)
         grad_a = grouped_gemm(grad_gu, w_up, offs, w_layout="kn")
-        grad_w_down = _per_expert_outer((grad_pairs.float() * pair_weights[:, None]).to(torch.bfloat16), h, offs)
+        grad_w_down = _per_expert_outer(weighted_grad_pairs, h, offs)
         grad_w_up = _per_expert_outer(grad_gu, a, offs)
         grad_weights = torch.where(slot >= 0, grad_pair_weights[slot.clamp(min=0)], 0.0)
         grad_x = _sum_pairs(grad_a, slot)

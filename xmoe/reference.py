@@ -235,6 +235,35 @@ def sum_pairs(pair_out: np.ndarray, slot: np.ndarray, extra: np.ndarray | None =
     return out.astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
+def pair_grads(grad: np.ndarray, row_of: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(grad[row_of], bfloat16(grad[row_of] * weights[:, None]))``: bfloat16 bits (uint16)
+    ``[pairs, hidden]`` each, of ``grad`` bfloat16 bits ``[rows, hidden]``, ``row_of`` int ``[pairs]``,
+    ``weights`` float32 ``[pairs]`` (the product in float32, rounded once)."""
+    rows = grad[row_of]
+    weighted = rows.view(ml_dtypes.bfloat16).astype(np.float32) * weights[:, None].astype(np.float32)
+    return rows, weighted.astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def swiglu_backward(g: np.ndarray, gu: np.ndarray, h: np.ndarray,
+                    weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gradients of a weighted SwiGLU expert's up projection and of its pairs' weights.
+
+    ``g`` float32 ``[pairs, ffn]`` (the output gradient times ``W_down``), ``gu`` bfloat16 bits
+    ``[pairs, 2 * ffn]`` (gate, then up), ``h`` bfloat16 bits ``[pairs, ffn]`` (``silu(gate) * up``),
+    ``weights`` float32 ``[pairs]``. Returns ``(d(gu)`` bfloat16 bits ``[pairs, 2 * ffn]`` of
+    ``dh = weights * g``, ``sum(g * h)`` float32 ``[pairs])``, computed in float32.
+    """
+    ffn = g.shape[1]
+    values = gu.view(ml_dtypes.bfloat16).astype(np.float32)
+    gate, up = values[:, :ffn], values[:, ffn:]
+    with np.errstate(over="ignore"):  # exp(-gate) of a very negative gate: inf, sigma 0
+        sigma = 1.0 / (1.0 + np.exp(-gate))
+    dh = g.astype(np.float32) * weights[:, None].astype(np.float32)
+    grad_gu = np.concatenate([dh * up * sigma * (1.0 + gate * (1.0 - sigma)), dh * gate * sigma], axis=1)
+    grad_weights = (g.astype(np.float32) * h.view(ml_dtypes.bfloat16).astype(np.float32)).sum(axis=1)
+    return grad_gu.astype(ml_dtypes.bfloat16).view(np.uint16), grad_weights.astype(np.float32)
+
+
 def expert_scores(logits: np.ndarray, scoring: str) -> np.ndarray:
     """float32 ``[tokens, experts]``: softmax over each row, or the sigmoid of each logit."""
     logits = logits.astype(np.float32)
