@@ -40,7 +40,9 @@ class NvshmemArray(PeerViews):
         self.nbytes = int(array.shape[0])
         peers = []
         for pe in range(heap.world_size):
-            view = heap.nvshmem.get_peer_array(array, pe)
+            # this rank's own block is the array NVSHMEM allocated: its address is the symmetric one
+            # that NVSHMEM's puts translate to a peer's (nvshmem_ptr of this PE need not return it)
+            view = array if pe == heap.rank else heap.nvshmem.get_peer_array(array, pe)
             if view is None:
                 raise RuntimeError(f"rank {pe} is not reachable by loads and stores from rank {heap.rank} "
                                    "(internode peers need the put path, not built yet)")
