@@ -96,5 +96,10 @@ def test_bad_shapes_are_named():
     arrays.update(g=np.zeros((2, 16), np.float32))
     with pytest.raises(ValueError, match=r"gu \(2, 24\)"):
         swiglu_backward(*(xp().asarray(a) for a in arrays.values()), _stream())
+    arrays.update(gu=np.zeros((2, 32), np.uint16), h=np.zeros((2, 16), np.uint16), weights=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"weights \(3,\)"):
+        swiglu_backward(*(xp().asarray(a) for a in arrays.values()), _stream())
+    with pytest.raises(ValueError, match=r"row_of \(2,\) / weights \(3,\)"):
+        pair_grads(xp().zeros((3, 16), np.uint16), xp().zeros(2, np.int32), xp().zeros(3, np.float32), _stream())
     with pytest.raises(ValueError, match="grad: 12 channels"):
         pair_grads(xp().zeros((3, 12), np.uint16), xp().zeros(2, np.int32), xp().zeros(2, np.float32), _stream())

@@ -127,13 +127,15 @@ def pair_grads(grad: Any, row_of: Any, weights: Any, stream: Any) -> tuple[Any, 
         ``(grad[row_of], bf16(grad[row_of] * weights[:, None]))``, both uint16 ``[pairs, hidden]``.
     """
     _check_channels("grad", grad.shape[1])
+    if weights.shape != row_of.shape or row_of.ndim != 1:
+        raise ValueError(f"row_of {tuple(row_of.shape)} / weights {tuple(weights.shape)}: expected one [pairs] each")
     if not on_gpu():
         return reference.pair_grads(grad, row_of, weights)
     num_pairs, hidden = row_of.shape[0], grad.shape[1]
-    pair_grad = poisoned(xp().empty((num_pairs, hidden), np.uint16))
-    weighted = poisoned(xp().empty((num_pairs, hidden), np.uint16))
     kernel, _ = _kernels()
-    with stream:
+    with stream:  # the outputs' memory ordered on the stream that writes them
+        pair_grad = poisoned(xp().empty((num_pairs, hidden), np.uint16))
+        weighted = poisoned(xp().empty((num_pairs, hidden), np.uint16))
         kernel(*warp_per_row_launch(num_pairs),
                (grad, row_of, weights, pair_grad, weighted, np.int32(num_pairs), np.int32(hidden // 8)))
     return pair_grad, weighted
@@ -154,15 +156,15 @@ def swiglu_backward(g: Any, gu: Any, h: Any, weights: Any, stream: Any) -> tuple
     """
     num_pairs, ffn = g.shape
     _check_channels("g", ffn)
-    if gu.shape != (num_pairs, 2 * ffn) or h.shape != (num_pairs, ffn):
-        raise ValueError(f"gu {tuple(gu.shape)} / h {tuple(h.shape)}: expected [{num_pairs}, {2 * ffn}] / "
-                         f"[{num_pairs}, {ffn}] for g [{num_pairs}, {ffn}]")
+    if gu.shape != (num_pairs, 2 * ffn) or h.shape != (num_pairs, ffn) or weights.shape != (num_pairs,):
+        raise ValueError(f"gu {tuple(gu.shape)} / h {tuple(h.shape)} / weights {tuple(weights.shape)}: expected "
+                         f"[{num_pairs}, {2 * ffn}] / [{num_pairs}, {ffn}] / [{num_pairs}] for g [{num_pairs}, {ffn}]")
     if not on_gpu():
         return reference.swiglu_backward(g, gu, h, weights)
-    grad_gu = poisoned(xp().empty((num_pairs, 2 * ffn), np.uint16))
-    grad_weights = poisoned(xp().empty(num_pairs, np.float32))
     _, kernel = _kernels()
     with stream:
+        grad_gu = poisoned(xp().empty((num_pairs, 2 * ffn), np.uint16))
+        grad_weights = poisoned(xp().empty(num_pairs, np.float32))
         kernel(*warp_per_row_launch(num_pairs),
                (g, gu, h, weights, grad_gu, grad_weights, np.int32(num_pairs), np.int32(ffn // 8)))
     return grad_gu, grad_weights
