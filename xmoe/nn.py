@@ -209,12 +209,45 @@ class MoE(nn.Module):
         return idx, weights * self.scaling, counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's tokens ``x`` bfloat16 ``[tokens, hidden]`` through the layer (same shape)."""
+        """This rank's tokens ``x`` bfloat16 ``[tokens, hidden]`` through the layer (same shape).
+        On the GPU the shared experts run on a second stream beside the router and the routed
+        experts (autograd runs each backward op on its forward op's stream)."""
+        shared, joined = (None, None) if self.w_shared_up is None else self._start_shared(x)
         idx, weights, counts = self.route(x)
         buffer = None if self.group is None else layer_buffer(self.group, x.shape[0], self.hidden,
                                                                 self.num_experts, self.top_k)
         y = ExpertsFunction.apply(x, idx, weights, counts, self.w_up, self.w_down, buffer, self.num_experts)
-        if self.w_shared_up is not None:
-            shared = _swiglu(x @ self.w_shared_up.T)  # bfloat16 matmuls, float32 accumulation
-            y = (y.float() + (shared @ self.w_shared_down.T).float()).to(torch.bfloat16)
-        return y
+        if shared is None:
+            return y
+        joined()
+        return (y.float() + shared.float()).to(torch.bfloat16)
+
+    def _start_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The shared experts' output bfloat16 ``[tokens, hidden]`` (bfloat16 matmuls, float32
+        accumulation), started on a side stream on the GPU, and a function that makes the
+        caller's stream wait for it."""
+        if not x.is_cuda:
+            return _swiglu(x @ self.w_shared_up.T) @ self.w_shared_down.T, lambda: None
+        main = torch.cuda.current_stream(x.device)
+        side = _side_stream(x.device)
+        side.wait_stream(main)  # x is ready
+        with torch.cuda.stream(side):
+            x.record_stream(side)  # the allocator keeps x's memory until the side stream is done with it
+            shared = _swiglu(x @ self.w_shared_up.T) @ self.w_shared_down.T
+
+        def joined() -> None:
+            main.wait_stream(side)
+            shared.record_stream(main)
+
+        return shared, joined
+
+
+_SIDE_STREAMS: dict[Any, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The shared experts' stream on ``device`` (one per device, made once)."""
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
