@@ -164,16 +164,18 @@ class LowLatencyMode:
 
     def _raw(self, kernel: str, params: Any, fixed: dict[str, Any], args: dict[str, Any], layout: LowLatencyLayout,
              phases: int) -> RawLaunch:
-        """A CUDA C launch of ``kernel``: a warp per (token, k) entry and a block per local expert,
-        as many blocks as may spin at once (every block sends before it waits); GPU-scope
-        synchronisation when every peer shares this GPU, system scope otherwise."""
+        """A CUDA C launch of ``kernel``: a block per token (dispatch's send) or a warp per token
+        (combine's receive) and a block per local expert, as many blocks as may spin at once (every
+        block sends before it waits); GPU-scope synchronisation when every peer shares this GPU,
+        system scope otherwise."""
         from xmoe import runtime
 
         scope = "gpu" if runtime.get_group().ranks_on_device == self.state.num_ranks else "sys"
         function = low_latency_cuda.function(kernel, scope)
         local = layout.num_experts // self.state.num_ranks
-        entries = layout.num_max_tokens * max(int(fixed.get("num_topk", 1)), 1)
-        wanted = max(local, -(-entries // (low_latency_cuda.THREADS // 32)), 1)
+        per_token = layout.num_max_tokens if kernel == low_latency_cuda.DISPATCH_KERNEL else -(
+            -layout.num_max_tokens // (low_latency_cuda.THREADS // 32))
+        wanted = max(local, per_token, 1)
         blocks = min(wanted, spinning_blocks(function, low_latency_cuda.THREADS)) if phases & RECEIVE else wanted
         return RawLaunch(function, params, blocks, low_latency_cuda.THREADS, fixed | args, tuple(args))
 
@@ -284,8 +286,8 @@ class LowLatencyMode:
             recv_layout_range=((local, ranks), np.int64, None)))
         meta = (CALL_CODES["low_latency_dispatch"], DTYPE_CODES["float8_e4m3fn" if use_fp8 else "bfloat16"],
                 2 * hidden, idx.shape[1], local, num_max_tokens)
-        return CallPlan(layout, views, meta, cuda_c_fits(config.force_put, ranks, num_experts), num_tokens,
-                        idx.shape[1], outputs)
+        fits = idx.shape[1] <= low_latency_cuda.MAX_TOPK and cuda_c_fits(config.force_put, ranks, num_experts)
+        return CallPlan(layout, views, meta, fits, num_tokens, idx.shape[1], outputs)
 
     # ------------------------------------------------------------- combine
     def combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: LowLatencyHandle, zero_copy: bool, out: Any,
@@ -343,7 +345,7 @@ class LowLatencyMode:
         if result is not None:
             check_array(result, out_origin, "out", BFLOAT16, (num_tokens, hidden))
         meta = (CALL_CODES["low_latency_combine"], DTYPE_CODES["bfloat16"], 2 * hidden, 0, local, num_max_tokens)
-        fits = num_topk <= 32 and cuda_c_fits(config.force_put, ranks, num_experts)  # a lane a top-k slot
+        fits = num_topk <= low_latency_cuda.MAX_TOPK and cuda_c_fits(config.force_put, ranks, num_experts)
         return CallPlan(layout, views, meta, fits, num_tokens, num_topk)
 
     def next_combine_buffer(self, handle: LowLatencyHandle) -> Any:

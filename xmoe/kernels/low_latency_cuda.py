@@ -1,19 +1,20 @@
 """The low-latency dispatch and combine kernels as generated CUDA C: the GPU's store path.
 
 The same protocol as ``kernels/low_latency.py`` (its Numba twin, which the simulator and
-the put path run), written for latency: a warp a (token, top-k slot), 16-byte vector
-stores through peer pointers, the FP8 cast fused into the send, and a signal per
-(expert, source) instead of one per rank after every token.
+the put path run), written for latency: a block a token (its row read, and cast, once for all
+its top-k entries), 16-byte vector stores through peer pointers, the FP8 cast fused into the
+send, and a signal per (expert, source) instead of one per rank after every token.
 
 Dispatch, ``SEND``: block 0 writes this rank's call shape into every peer's meta row and
 raises its per-rank signal (a receiver checks the shape before it reads anything). Each
 block counts this rank's tokens per expert in shared memory; experts it sends nothing
-get their count (0) at once. A warp takes a (token, k) entry, numbers its slot (the
-entries before it naming the same expert: a ballot over ``topk_idx``), stores the row (cast
-to FP8 on the way, 16 channels a lane, 8 lanes a 128-channel group), its scales and its
-source token into the owner's slot ``(local expert, this rank, slot)``, and counts the
-entry sent for its expert; the warp that sends an expert's last entry raises the
-expert's count word in the owner: ``(call << 32) | count``. ``RECEIVE``: once every peer's
+get their count (0) at once. A block takes a token: a warp an entry numbers the entry's slot
+(the entries before it naming the same expert: a ballot over ``topk_idx``); the block reads the
+row once (cast to FP8 once on the way: 16 channels a lane, 8 lanes a 128-channel group, the warps
+taking turns at the groups) and stores it, its scales and its source token into the owner's slot
+``(local expert, this rank, slot)`` of every entry; then a thread an entry counts it sent for its
+expert, and the one that counts an expert's last entry raises the expert's count word in the
+owner: ``(call << 32) | count``. ``RECEIVE``: once every peer's
 shape is in, a block per local expert waits for the count word of each source and packs
 the rows, source after source, into ``recv_x`` (16-byte loads that bypass L1).
 
@@ -41,8 +42,8 @@ from xmoe.kernels.raw_launch import ParamStruct
 from xmoe.layout.symmetric import FP8_GROUP, META_HEADER
 
 #: Threads a block of either kernel: 8 warps. At 2 PEs, 128 tokens, top-8 and 256 experts
-#: a dispatch has 1024 (token, k) entries and 128 local experts: 128 blocks give a warp an
-#: entry and a block an expert.
+#: a dispatch has 128 tokens (1024 entries) and 128 local experts: 128 blocks give a block a
+#: token (a warp an entry's slot) and a block an expert.
 THREADS = 256
 #: Blocks an SM must hold (``__launch_bounds__``): 128 blocks on the 66 SMs of half an H200.
 #: Without it NVRTC 13.5 capped the dispatch kernel at 64 registers and spilled 40 bytes
@@ -51,6 +52,8 @@ MIN_BLOCKS_PER_SM = 3
 #: Experts the dispatch counts in shared memory, and ranks the kernels keep counts of there.
 MAX_EXPERTS = 1024
 MAX_RANKS = 64
+#: Top-k entries a token may have (a lane of a warp each in combine, a shared slot each in dispatch).
+MAX_TOPK = 32
 
 _CONTROL = (  # both kernels: the call's number, the protocol words, the peers
     ("long long", "phases"), ("long long", "pending_slot"), ("long long", "rank"), ("long long", "num_ranks"),
@@ -211,45 +214,91 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes,
 """
 
 _DISPATCH = r"""
-// A warp: one row (bfloat16, `hidden` channels) cast to e4m3 into `row`, its scales into `scales`
-// (scale = max(amax, AMAX_FLOOR) / E4M3_MAX, a power of two above with round_scale; values x * (1 / scale)).
-__device__ void cast_row_fp8(const bf16_t* x, int hidden, bool round_scale, unsigned char* row, float* scales) {
-  const int lane = threadIdx.x & 31, groups = hidden / FP8_GROUP;
-  for (int g0 = 0; g0 < groups; g0 += 4) {
-    const int g = g0 + (lane >> 3), c = g * FP8_GROUP + (lane & 7) * 16;
-    float v[16];
-    float amax = AMAX_FLOOR;
-    if (g < groups) {
-      const int4 a = __ldg((const int4*)(x + c)), b = __ldg((const int4*)(x + c + 8));
-      const u32 w[8] = {(u32)a.x, (u32)a.y, (u32)a.z, (u32)a.w, (u32)b.x, (u32)b.y, (u32)b.z, (u32)b.w};
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
+// A warp: 16 channels a lane from channel c of a bfloat16 row, cast to e4m3 (8 lanes a 128-channel
+// group, the group's scale = max(amax, AMAX_FLOOR) / E4M3_MAX, a power of two above with
+// round_scale; values x * (1 / scale)) into *packed, the scale into *scale. Every lane of the warp
+// calls it (the amax is shuffled among a group's lanes); `valid` false: a lane past the row.
+__device__ __forceinline__ void cast16_fp8(const bf16_t* x, int c, bool valid, bool round_scale, int4* packed,
+                                           float* scale_out) {
+  float v[16];
+  float amax = AMAX_FLOOR;
+  if (valid) {
+    const int4 a = __ldg((const int4*)(x + c)), b = __ldg((const int4*)(x + c + 8));
+    const u32 w[8] = {(u32)a.x, (u32)a.y, (u32)a.z, (u32)a.w, (u32)b.x, (u32)b.y, (u32)b.z, (u32)b.w};
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      amax = fmaxf(amax, fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1])));
+    }
+  }
+  amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
+  amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 4));
+  float scale = __fdiv_rn(amax, E4M3_MAX);
+  if (round_scale) {
+    u32 bits = __float_as_uint(scale);
+    if (bits & 0x7fffffu) bits = (bits & 0xff800000u) + 0x800000u;
+    scale = __uint_as_float(bits);
+  }
+  const float inverse = __frcp_rn(scale);
+  u32 out[4] = {0u, 0u, 0u, 0u};
+  if (valid) {
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      unsigned short lo, hi;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(__fmul_rn(v[4 * i + 1], inverse)), "f"(__fmul_rn(v[4 * i], inverse)));
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(__fmul_rn(v[4 * i + 3], inverse)), "f"(__fmul_rn(v[4 * i + 2], inverse)));
+      out[i] = (u32)lo | ((u32)hi << 16);
+    }
+  }
+  *packed = make_int4(out[0], out[1], out[2], out[3]);
+  *scale_out = scale;
+}
+
+// The slot of entry k of the block's token in its expert's owner (entry_expert[k] >= 0).
+__device__ __forceinline__ long long slot_index(const DispatchParams& p, const int* entry_expert,
+                                                const int* entry_slot, int k) {
+  const int L = p.num_experts / p.num_ranks, e = entry_expert[k];
+  return ((long long)(e % L) * p.num_ranks + p.rank) * p.max_tokens + entry_slot[k];
+}
+
+// The block: one token's row into the slot of each of its entries, read once. FP8: the warps take
+// turns at four 128-channel groups (a warp's cast, then one 16-byte store a lane and entry, and
+// each group's scale); bfloat16: 16-byte vectors, four loads a thread in flight before its stores.
+__device__ void send_row(const DispatchParams& p, const bf16_t* x, const int* entry_expert, const int* entry_slot,
+                         unsigned char* slots, float* slot_scales) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int K = p.num_topk, L = p.num_experts / p.num_ranks, groups = p.hidden / FP8_GROUP;
+  if (p.fp8) {
+    for (int g0 = 4 * warp; g0 < groups; g0 += 4 * warps) {  // warp-uniform: the cast shuffles
+      const int g = g0 + (lane >> 3), c = g * FP8_GROUP + (lane & 7) * 16;
+      int4 packed;
+      float scale;
+      cast16_fp8(x, c, g < groups, p.round_scale, &packed, &scale);
+      if (g >= groups) continue;
+      for (int k = 0; k < K; ++k) {
+        if (entry_expert[k] < 0) continue;
+        const long long dst = entry_expert[k] / L, index = slot_index(p, entry_expert, entry_slot, k);
+        *(int4*)(at_peer(slots, p.peers, dst) + index * p.slot_bytes + c) = packed;
+        if ((lane & 7) == 0) at_peer(slot_scales, p.peers, dst)[index * groups + g] = scale;
       }
     }
-    amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 4));
-    float scale = __fdiv_rn(amax, E4M3_MAX);
-    if (round_scale) {
-      u32 bits = __float_as_uint(scale);
-      if (bits & 0x7fffffu) bits = (bits & 0xff800000u) + 0x800000u;
-      scale = __uint_as_float(bits);
-    }
-    const float inverse = __frcp_rn(scale);
-    if (g < groups) {
-      u32 out[4];
+    return;
+  }
+  const int vectors = p.hidden / 8;
+  for (int v0 = threadIdx.x; v0 < vectors; v0 += 4 * blockDim.x) {
+    int4 value[4];
+    #pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (v0 + u * (int)blockDim.x < vectors) value[u] = __ldg((const int4*)x + v0 + u * blockDim.x);
+    for (int k = 0; k < K; ++k) {
+      if (entry_expert[k] < 0) continue;
+      const long long dst = entry_expert[k] / L, index = slot_index(p, entry_expert, entry_slot, k);
+      int4* row = (int4*)(at_peer(slots, p.peers, dst) + index * p.slot_bytes);
       #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        unsigned short lo, hi;
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(__fmul_rn(v[4 * i + 1], inverse)), "f"(__fmul_rn(v[4 * i], inverse)));
-        asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(__fmul_rn(v[4 * i + 3], inverse)), "f"(__fmul_rn(v[4 * i + 2], inverse)));
-        out[i] = (u32)lo | ((u32)hi << 16);
-      }
-      *(int4*)(row + c) = make_int4(out[0], out[1], out[2], out[3]);
-      if ((lane & 7) == 0) scales[g] = scale;
+      for (int u = 0; u < 4; ++u)
+        if (v0 + u * (int)blockDim.x < vectors) row[v0 + u * blockDim.x] = value[u];
     }
   }
 }
@@ -259,6 +308,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM) dispatch(const Dis
   __shared__ int sent_to[MAX_EXPERTS];  // this rank's entries per expert
   __shared__ int first[MAX_RANKS + 1];
   __shared__ int flag[2];
+  __shared__ int entry_expert[MAX_TOPK], entry_slot[MAX_TOPK];  // the block's token: -1 for an entry it skips
   const int tid = threadIdx.x, lane = tid & 31;
   const int R = p.num_ranks, E = p.num_experts, L = E / R, K = p.num_topk, H = p.hidden, M = p.max_tokens;
   const int groups = H / FP8_GROUP, entries = p.num_tokens * K;
@@ -283,23 +333,30 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM) dispatch(const Dis
     if (blockIdx.x == 0)  // the experts this rank sends nothing: their count now
       for (int e = tid; e < E; e += blockDim.x)
         if (sent_to[e] == 0) store_relaxed(at_peer(counts, p.peers, e / L) + (e % L) * R + p.rank, seq << 32);
-    for (int item = claim_warp(p.work, WORK_NEXT); item < entries; item = claim_warp(p.work, WORK_NEXT)) {
-      const long long e = p.topk_idx[item];
-      if (e < 0 || e >= E) continue;
-      int slot = 0;  // entries before this one naming e: rows of a source arrive in its order
-      for (int base = 0; base < item; base += 32) {
-        const int j = base + lane;
-        slot += __popc(__ballot_sync(FULL, j < item && p.topk_idx[j] == e));
+    const int warps = blockDim.x >> 5, warp = tid >> 5;
+    for (int token = claim_block(p.work, WORK_NEXT, flag + 1); token < p.num_tokens;
+         token = claim_block(p.work, WORK_NEXT, flag + 1)) {
+      for (int k = warp; k < K; k += warps) {  // a warp an entry: its expert and slot
+        const int item = token * K + k;
+        const long long e = p.topk_idx[item];
+        int slot = 0;  // entries before this one naming e: rows of a source arrive in its order
+        if (e >= 0 && e < E)
+          for (int base = 0; base < item; base += 32) {
+            const int j = base + lane;
+            slot += __popc(__ballot_sync(FULL, j < item && p.topk_idx[j] == e));
+          }
+        if (lane == 0) {
+          entry_expert[k] = e >= 0 && e < E ? (int)e : -1;
+          entry_slot[k] = slot;
+        }
       }
-      const int dst = e / L, local = e % L, token = item / K;
-      const long long index = ((long long)local * R + p.rank) * M + slot;
-      unsigned char* row = at_peer(slots, p.peers, dst) + index * p.slot_bytes;
-      if (p.fp8) cast_row_fp8(p.x + (long long)token * H, H, p.round_scale, row,
-                              at_peer(slot_scales, p.peers, dst) + index * groups);
-      else warp_copy(row, p.x + (long long)token * H, 2 * H, false);
-      if (lane == 0) at_peer(slot_src_idx, p.peers, dst)[index] = token;
-      __syncwarp();
-      if (lane == 0) {
+      __syncthreads();
+      send_row(p, p.x + (long long)token * H, entry_expert, entry_slot, slots, slot_scales);
+      if (tid < K && entry_expert[tid] >= 0)
+        at_peer(slot_src_idx, p.peers, entry_expert[tid] / L)[slot_index(p, entry_expert, entry_slot, tid)] = token;
+      __syncthreads();  // every thread's stores of the token, then a fence and count an entry
+      if (tid < K && entry_expert[tid] >= 0) {
+        const int e = entry_expert[tid], dst = e / L, local = e % L;
         SCOPE_FENCE();
         const int done = add_acq_rel(p.expert_sent + e, 1) + 1;
         if (done == sent_to[e])
@@ -454,7 +511,7 @@ def source(scope: str) -> str:
                      WORK_EXITED=WORK_EXITED, WORK_WORDS=WORK_WORDS, ERR_TIMEOUT=ERR_TIMEOUT,
                      ERR_MISMATCH=ERR_MISMATCH, ERR_EXPERT_ID=ERR_EXPERT_ID, FIELD_SHIFT=FIELD_SHIFT,
                      META_HEADER=META_HEADER, FP8_GROUP=FP8_GROUP, THREADS=THREADS, MIN_BLOCKS_PER_SM=MIN_BLOCKS_PER_SM,
-                     MAX_EXPERTS=MAX_EXPERTS,
+                     MAX_EXPERTS=MAX_EXPERTS, MAX_TOPK=MAX_TOPK,
                      MAX_RANKS=MAX_RANKS, SCOPE=f'"{scope}"', SCOPE_FENCE=SCOPES[scope])
     defines = "".join(f"#define {name} {value}\n" for name, value in constants.items())
     defines += f"#define AMAX_FLOOR {float(AMAX_FLOOR)!r}f\n#define E4M3_MAX {float(E4M3_MAX)!r}f\n"
