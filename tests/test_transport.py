@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from xmoe.device_memory import on_gpu
+from xmoe.interop import to_host
 
 SLOTS, WORDS, META = 3, 40, 4
 TRANSPORTS = ["store", pytest.param("put", marks=pytest.mark.gpu)]
@@ -81,7 +81,7 @@ def test_transport_writes_land_in_every_rank(group, name):
         _check_nvshmem_device_state(rank, ranks)
     write_everywhere[1, 64](*(kernel_arg(a) for a in (peers, rows, values, meta, signals, source)), rank)
     heap.barrier()
-    got_rows, got_values, got_meta, got_signals = (_host(a) for a in (rows, values, meta, signals))
+    got_rows, got_values, got_meta, got_signals = (to_host(a) for a in (rows, values, meta, signals))
     for src in range(ranks):
         want_rows = np.zeros((SLOTS, WORDS), np.uint32)
         want_rows[1] = _expected_row(src)
@@ -90,10 +90,6 @@ def test_transport_writes_land_in_every_rank(group, name):
         np.testing.assert_array_equal(got_meta[src], [0, 0, 0, 200 + src], err_msg=f"{name}: meta from rank {src}")
     np.testing.assert_array_equal(got_signals, 300 + np.arange(ranks), err_msg=f"{name}: signals")
     probe.free()
-
-
-def _host(array) -> np.ndarray:
-    return np.asarray(array) if not on_gpu() else array.get()
 
 
 def _check_nvshmem_device_state(rank: int, ranks: int) -> None:
