@@ -163,19 +163,16 @@ class LowLatencyMode:
                     data_half_bytes=fields[slots].strides[0], slot_bytes=fields[slots].strides[-2], slots=views[slots])
 
     def _raw(self, kernel: str, params: Any, fixed: dict[str, Any], args: dict[str, Any], layout: LowLatencyLayout,
-             phases: int) -> RawLaunch:
-        """A CUDA C launch of ``kernel``: a block per token (dispatch's send) or a warp per token
-        (combine's receive) and a block per local expert, as many blocks as may spin at once (every
-        block sends before it waits); GPU-scope synchronisation when every peer shares this GPU,
-        system scope otherwise."""
+             phases: int, token_blocks: int) -> RawLaunch:
+        """A CUDA C launch of ``kernel``: ``token_blocks`` for the tokens and a block per local
+        expert, as many blocks as may spin at once (every block sends before it waits); GPU-scope
+        synchronisation when every peer shares this GPU, system scope otherwise."""
         from xmoe import runtime
 
         scope = "gpu" if runtime.get_group().ranks_on_device == self.state.num_ranks else "sys"
         function = low_latency_cuda.function(kernel, scope)
         local = layout.num_experts // self.state.num_ranks
-        per_token = layout.num_max_tokens if kernel == low_latency_cuda.DISPATCH_KERNEL else -(
-            -layout.num_max_tokens // (low_latency_cuda.THREADS // 32))
-        wanted = max(local, per_token, 1)
+        wanted = max(local, token_blocks, 1)
         blocks = min(wanted, spinning_blocks(function, low_latency_cuda.THREADS)) if phases & RECEIVE else wanted
         return RawLaunch(function, params, blocks, low_latency_cuda.THREADS, fixed | args, tuple(args))
 
@@ -242,7 +239,8 @@ class LowLatencyMode:
                 fixed |= dict(num_topk=plan.num_topk, fp8=int(use_fp8), slot_scales=views["dispatch_scales"],
                               slot_src_idx=views["dispatch_src_idx"], counts=views["dispatch_counts"],
                               expert_sent=expert_sent)
-                return self._raw(low_latency_cuda.DISPATCH_KERNEL, low_latency_cuda.DISPATCH, fixed, args, layout, phases)
+                return self._raw(low_latency_cuda.DISPATCH_KERNEL, low_latency_cuda.DISPATCH, fixed, args, layout,
+                                 phases, token_blocks=layout.num_max_tokens)  # the send: a block a token
             fixed = self._fixed(views, LL_DISPATCH_FIELDS, plan.meta, config)
             fixed |= dict(phases=phases, expert_sent=expert_sent)
             return Prepared(ll_dispatch_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
@@ -319,8 +317,9 @@ class LowLatencyMode:
             if cuda_c:
                 fixed = self._control(plan.layout, plan.views, "combine", "combine_x", plan.meta, config, phases)
                 fixed |= dict(flags=plan.views["combine_flags"])
+                warps = low_latency_cuda.THREADS // 32  # the receive: a warp a token
                 return self._raw(low_latency_cuda.COMBINE_KERNEL, low_latency_cuda.COMBINE, fixed, args, plan.layout,
-                                 phases)
+                                 phases, token_blocks=-(-plan.layout.num_max_tokens // warps))
             fixed = self._fixed(plan.views, LL_COMBINE_FIELDS, plan.meta, config)
             return Prepared(ll_combine_kernel(transport(config.force_put)), config.num_sms, config.num_threads,
                             fixed | dict(phases=phases) | args, tuple(args), spins=bool(phases & RECEIVE))
