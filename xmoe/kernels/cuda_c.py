@@ -26,6 +26,19 @@ __device__ __forceinline__ float bf16_to_f32(bf16_t bits) {
   return __uint_as_float(((u32)bits) << 16);
 }
 
+// 16 bytes of bfloat16 (8 channels, the first in the low half of v.x) as floats, and back (rounded).
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
+}
+
 __device__ __forceinline__ float silu(float x) {
   return x / (1.0f + __expf(-x));
 }

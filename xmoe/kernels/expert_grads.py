@@ -27,18 +27,6 @@ from xmoe.kernels.build import warp_per_row_launch
 from xmoe.kernels.cuda_c import PRELUDE
 
 _SOURCE = r"""
-__device__ __forceinline__ void unpack8(uint4 v, float* f) {
-  const u32 w[4] = {v.x, v.y, v.z, v.w};
-  #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ uint4 pack8(const float* f) {
-  return make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
-}
-
 // A warp a pair p: pair_grad[p] = grad[row_of[p]], weighted[p] = bf16(grad[row_of[p]] * weights[p]).
 extern "C" __global__ void pair_grads(const uint4* __restrict__ grad, const int* __restrict__ row_of,
                                       const float* __restrict__ weights, uint4* __restrict__ pair_grad,

@@ -115,16 +115,12 @@ extern "C" __global__ void sum_pairs(const uint4* __restrict__ pair_out, const i
       #pragma unroll
       for (int j = 0; j < TOPK; ++j) {
         if (places[j] < 0) continue;
-        const uint4 value = __ldg(pair_out + (size_t)places[j] * vecs + v);
-        const u32 words[4] = {value.x, value.y, value.z, value.w};
+        float value[8];
+        unpack8(__ldg(pair_out + (size_t)places[j] * vecs + v), value);
         #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          acc[2 * c] += __uint_as_float(words[c] << 16);
-          acc[2 * c + 1] += __uint_as_float(words[c] & 0xffff0000u);
-        }
+        for (int c = 0; c < 8; ++c) acc[c] += value[c];
       }
-      out[(size_t)r * vecs + v] = make_uint4(pack_bf16x2(acc[0], acc[1]), pack_bf16x2(acc[2], acc[3]),
-                                             pack_bf16x2(acc[4], acc[5]), pack_bf16x2(acc[6], acc[7]));
+      out[(size_t)r * vecs + v] = pack8(acc);
     }
   }
 }
